@@ -1,0 +1,36 @@
+# dlrun developer tasks. `make train` and `make test` are all a fresh machine needs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: setup train test test-full bench clean
+
+setup: $(STAMP)
+
+# Re-install only when the dependency list changes; otherwise `make setup` is a no-op.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: setup
+	$(BIN)/dlrun train
+
+test: setup
+	$(PYTEST) -m "not slow" -q
+
+test-full: setup
+	$(PYTEST) -q
+
+bench: setup
+	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.time_to_accuracy
+	$(BIN)/python -m benchmarks.startup
+	$(BIN)/python -m benchmarks.quantized_latency
+
+clean:
+	rm -rf outputs multirun .pytest_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,57 @@
+"""Checkpoint files: one dict of tensors and plain values, written atomically, read with weights_only=True.
+
+weights_only=True means a checkpoint can hold tensors, numbers, strings, lists and dicts but never
+Python objects, so loading a file from a stranger cannot execute code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import torch
+
+from dlrun.errors import DlrunError
+from dlrun.rundir import atomic_write_bytes
+
+# Keys of the checkpoint dict (later commands read them; keep them stable).
+MODEL = "model"
+OPTIMIZER = "optimizer"
+SCHEDULER = "scheduler"
+EPOCH = "epoch"  # last completed epoch, 1-based
+RNG = "rng"  # torch CPU (and CUDA) generator states at the end of EPOCH
+TRAINER_STATE = "trainer_state"  # best metric, best epoch, epochs without improvement
+CONFIG = "config"  # the resolved run config: eval/quantize/export rebuild the model from it
+VERSIONS = "versions"
+GIT_COMMIT = "git_commit"
+REQUIRED = (MODEL, CONFIG)
+
+
+def save(path: Path, checkpoint: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    try:
+        atomic_write_bytes(Path(path), buffer.getvalue())
+    except OSError as exc:
+        raise DlrunError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous file is intact") from None
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and sanity-check a dlrun checkpoint; every failure is one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DlrunError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()[0] if "Weights only load failed" not in str(exc) else (
+            "it contains Python objects that would run code when loaded (refused: dlrun loads with weights_only=True)"
+        )
+        raise DlrunError(f"refusing to load {path}: {reason}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise DlrunError(f"{path} is not a readable checkpoint (truncated or not a torch file): {str(exc).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED):
+        raise DlrunError(f"{path} is not a dlrun checkpoint (expected a dict with keys {', '.join(REQUIRED)})")
+    return checkpoint
+

@@ -1,0 +1,63 @@
+"""The four numbers practitioners ask of a model: parameters, FLOPs, size, and speed."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass on a batch of one (torch.utils.flop_counter: matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example[:1])
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 50) -> list[float]:
+    """Wall-clock milliseconds of `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+@torch.no_grad()
+def latency_ms(predict: Callable[[torch.Tensor], object], example: torch.Tensor, *, repeats: int = 50) -> dict[str, float]:
+    """Batch-1 latency: median and 90th percentile in ms."""
+    x = example[:1].contiguous()
+    times = sorted(time_calls(lambda: predict(x), warmup=max(3, repeats // 10), repeats=repeats))
+    return {"p50": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))]}
+
+
+@torch.no_grad()
+def throughput(predict: Callable[[torch.Tensor], object], example: torch.Tensor, *, batch: int = 64, repeats: int = 10) -> float:
+    """Samples per second at `batch` (the example is tiled up to the batch size)."""
+    reps = -(-batch // len(example))
+    x = example.repeat(reps, *[1] * (example.dim() - 1))[:batch].contiguous()
+    times = time_calls(lambda: predict(x), warmup=2, repeats=repeats)
+    return batch / (statistics.median(times) / 1e3)

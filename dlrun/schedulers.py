@@ -1,0 +1,42 @@
+"""Learning-rate schedules, all stepped once per batch (conf/scheduler/ selects one with `_target_`).
+
+Each takes the optimizer and the run's step counts, which only the trainer knows; the config
+supplies the rest as a Hydra partial.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+
+def constant(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int) -> LRScheduler:
+    return LambdaLR(optimizer, lambda step: 1.0)
+
+
+def step(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float) -> LRScheduler:
+    return LambdaLR(optimizer, lambda s: gamma ** ((s // steps_per_epoch) // step_epochs))
+
+
+def cosine(
+    optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int,
+    warmup_epochs: float, warmup_start_ratio: float, min_lr_ratio: float,
+) -> LRScheduler:
+    warmup = min(int(warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return warmup_start_ratio + (1 - warmup_start_ratio) * s / warmup
+        progress = (s - warmup) / max(total_steps - warmup, 1)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return LambdaLR(optimizer, factor)
+
+
+def onecycle(
+    optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, max_lr_ratio: float, pct_start: float
+) -> LRScheduler:
+    max_lr = [group["lr"] * max_lr_ratio for group in optimizer.param_groups]
+    return OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 2), pct_start=pct_start)

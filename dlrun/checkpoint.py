@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 
 import torch
 
-from dlrun.errors import DlrunError
+from dlrun.errors import DlrunError, UsageError
 from dlrun.rundir import atomic_write_bytes
 
 # Keys of the checkpoint dict (later commands read them; keep them stable).
@@ -38,20 +39,22 @@ def save(path: Path, checkpoint: dict) -> None:
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and sanity-check a dlrun checkpoint; every failure is one line naming the file."""
+    """Load and sanity-check a dlrun checkpoint; every failure is one line naming the file (exit code 2)."""
     path = Path(path)
     if not path.is_file():
-        raise DlrunError(f"checkpoint {path} does not exist")
+        raise UsageError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if "Weights only load failed" not in str(exc) else (
-            "it contains Python objects that would run code when loaded (refused: dlrun loads with weights_only=True)"
-        )
-        raise DlrunError(f"refusing to load {path}: {reason}") from None
+        unsafe = re.search(r"unsupported GLOBAL (\S+)", str(exc))
+        if unsafe:
+            raise UsageError(
+                f"refusing to load {path}: it would run Python code ({unsafe.group(1)}) when unpickled; "
+                "dlrun loads checkpoints with weights_only=True"
+            ) from None
+        raise UsageError(f"{path} is not a torch checkpoint file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise DlrunError(f"{path} is not a readable checkpoint (truncated or not a torch file): {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt): {str(exc).split('. ')[0]}") from None
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED):
-        raise DlrunError(f"{path} is not a dlrun checkpoint (expected a dict with keys {', '.join(REQUIRED)})")
+        raise UsageError(f"{path} is not a dlrun checkpoint (expected a dict with keys {', '.join(REQUIRED)})")
     return checkpoint
-

@@ -12,14 +12,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dlrun.errors import DlrunError
+from dlrun.errors import DlrunError, UsageError
 
 SMALL_IMAGE = 96  # below this size torchvision's ImageNet stems would downsample the image away
 
 
 def _image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
-        raise DlrunError(
+        raise UsageError(
             f"model {name} needs image input (channels, height, width) but the dataset gives shape {list(input_shape)}; "
             "use model=linear or model=mlp for tabular data"
         )
@@ -63,7 +63,7 @@ class LeNet(nn.Module):
             nn.Linear(hidden, num_outputs),
         )
         if h < 4 or w < 4:
-            raise DlrunError(f"model lenet needs images of at least 4x4 pixels, the dataset gives {h}x{w}")
+            raise UsageError(f"model lenet needs images of at least 4x4 pixels, the dataset gives {h}x{w}")
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -220,5 +220,5 @@ def build(model_cfg, input_shape: Sequence[int] | None = None) -> nn.Module:
             model.eval()(torch.zeros(2, *shape))
             model.train(was_training)
     except RuntimeError as exc:
-        raise DlrunError(f"model {model_cfg.get('_target_')} cannot take input of shape {list(shape)}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"model {model_cfg.get('_target_')} cannot take input of shape {list(shape)}: {str(exc).splitlines()[0]}") from None
     return model

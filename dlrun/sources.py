@@ -1,0 +1,127 @@
+"""Where a command's model comes from: a train checkpoint, a quantized program, or an exported artifact.
+
+`run=`, `ckpt=` and `artifact=` all resolve to a `Source` carrying the training run's own config,
+so eval/quantize/export/bench rebuild the same dataset and model without repeating overrides.
+Every summary.json records `source_run` and `train_run`, making the lineage explicit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlrun import rundir
+from dlrun.errors import UsageError
+
+QUANTIZED_PROGRAM = "model.pt2"  # what a quantize run leaves behind (torch.export.save)
+ARTIFACT_SUFFIXES = (".pte", ".pt2", ".onnx")
+
+
+@dataclass
+class Source:
+    kind: str  # checkpoint | quantized | artifact
+    path: Path  # the checkpoint, program or artifact file
+    config: dict  # resolved config of the train run the weights come from
+    run_dir: Path | None  # the run that produced `path`
+    train_run: Path | None  # the train run at the root of the lineage
+
+    @property
+    def label(self) -> str:
+        return rundir.relative(self.path)
+
+
+def resolve(*, run: str | None = None, ckpt: str | None = None, artifact: str | None = None,
+            default: tuple[str, ...] = ("train",)) -> Source:
+    """Resolve the user's run=/ckpt=/artifact= (at most one) or the latest completed run of `default`."""
+    given = [(k, v) for k, v in (("run", run), ("ckpt", ckpt), ("artifact", artifact)) if v]
+    if len(given) > 1:
+        raise UsageError(f"give only one of run=, ckpt=, artifact= (got {', '.join(k for k, _ in given)})")
+    if ckpt:
+        return _from_checkpoint(Path(ckpt))
+    if artifact:
+        return _from_artifact(Path(artifact))
+    run_dir = rundir.run_dir_arg(run) if run else rundir.latest_run(*default)
+    return from_run_dir(run_dir)
+
+
+def from_run_dir(run_dir: Path) -> Source:
+    if (run_dir / "checkpoints" / "best.pt").is_file():
+        return _from_checkpoint(run_dir / "checkpoints" / "best.pt", run_dir)
+    summary_path = run_dir / rundir.SUMMARY
+    if (run_dir / QUANTIZED_PROGRAM).is_file() and summary_path.is_file():
+        summary = rundir.read_json(summary_path)
+        return Source("quantized", run_dir / QUANTIZED_PROGRAM, _source_config(summary, summary_path), run_dir, _train_run(summary))
+    artifacts = [p for p in sorted(run_dir.iterdir()) if p.suffix in ARTIFACT_SUFFIXES] if run_dir.is_dir() else []
+    if artifacts and summary_path.is_file():
+        return _from_artifact(artifacts[0])
+    raise UsageError(f"{run_dir} holds no checkpoints/best.pt, {QUANTIZED_PROGRAM} or exported artifact with a summary.json")
+
+
+def _from_checkpoint(path: Path, run_dir: Path | None = None) -> Source:
+    from dlrun import checkpoint
+
+    saved = checkpoint.load(path)
+    run_dir = run_dir or (path.parent.parent if path.parent.name == "checkpoints" else None)
+    return Source("checkpoint", path, saved[checkpoint.CONFIG], run_dir, run_dir)
+
+
+def _from_artifact(path: Path) -> Source:
+    if path.suffix not in ARTIFACT_SUFFIXES:
+        raise UsageError(f"artifact {path} must be one of {', '.join(ARTIFACT_SUFFIXES)}")
+    if not path.is_file():
+        raise UsageError(f"artifact {path} does not exist")
+    summary_path = path.parent / rundir.SUMMARY
+    if not summary_path.is_file():
+        raise UsageError(f"cannot tell which dataset {path} was made for: no {rundir.SUMMARY} beside it (export it with dlrun export)")
+    summary = rundir.read_json(summary_path)
+    return Source("artifact", path, _source_config(summary, summary_path), path.parent, _train_run(summary))
+
+
+def _source_config(summary: dict, where: Path) -> dict:
+    config = summary.get("source_config")
+    if not isinstance(config, dict) or "dataset" not in config or "model" not in config:
+        raise UsageError(f"{where} has no source_config (dataset and model of the trained model)")
+    return config
+
+
+def _train_run(summary: dict) -> Path | None:
+    return Path(summary["train_run"]) if summary.get("train_run") else None
+
+
+def load_model(source: Source, device="cpu"):
+    """The fp32 nn.Module of a checkpoint source, in eval mode."""
+    from omegaconf import OmegaConf
+
+    from dlrun import checkpoint, models
+    from dlrun.errors import DlrunError
+
+    if source.kind != "checkpoint":
+        raise UsageError(f"{source.label} is a {source.kind}, not a train checkpoint")
+    config = OmegaConf.create(source.config)
+    model = models.build(config.model)
+    try:
+        model.load_state_dict(checkpoint.load(source.path, device)[checkpoint.MODEL])
+    except RuntimeError as exc:
+        raise DlrunError(f"{source.label} does not fit its own model config: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def load_predictor(source: Source, device="cpu"):
+    """A callable x -> outputs for any source: eager model, quantized program, or artifact in its runtime."""
+    if source.kind == "checkpoint":
+        return load_model(source, device)
+    if source.kind == "quantized":
+        from dlrun import quantization
+
+        return quantization.load_program(source.path)
+    from dlrun import exporting
+
+    return exporting.load_runner(source.path)
+
+
+def load_data(source: Source, device="cpu"):
+    from omegaconf import OmegaConf
+
+    from dlrun import data
+
+    return data.build(OmegaConf.create(source.config).dataset, device)

@@ -152,6 +152,7 @@ def _dispatch(command: str, overrides: list[str], multirun: bool, cfg_mode: Opti
     def job(cfg) -> None:
         try:
             module = importlib.import_module(f"dlrun.commands.{command}")
+            _route_torch_warnings_to_log()
             module.run(cfg)
         except DlrunError as exc:
             _fail(exc, verbose)
@@ -168,6 +169,13 @@ def _dispatch(command: str, overrides: list[str], multirun: bool, cfg_mode: Opti
         argv += ["--cfg", cfg_mode]
     sys.argv = ["dlrun", *argv]
     hydra.main(config_path=str(config.conf_dir()), config_name=command, version_base="1.3")(job)()
+
+
+def _route_torch_warnings_to_log() -> None:
+    """torch prints its own glog-style warnings to stderr; keep them in the run's log file instead."""
+    torch_logger = logging.getLogger("torch")
+    torch_logger.handlers.clear()
+    torch_logger.propagate = True  # the root logger writes to <run_dir>/<command>.log only
 
 
 def _with_resumed_overrides(command: str, overrides: list[str]) -> list[str]:

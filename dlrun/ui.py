@@ -37,7 +37,7 @@ def progress(total_steps: int, description: str) -> Iterator[callable]:
                 handler.setStream(original)
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
     if isinstance(value, int) and abs(value) >= 10_000:
@@ -55,7 +55,7 @@ def metrics_table(title: str, columns: Mapping[str, Mapping[str, object]]) -> No
     for source in columns:
         table.add_column(source, justify="right")
     for name in names:
-        table.add_row(name, *(_fmt(columns[s].get(name, "")) for s in columns))
+        table.add_row(name, *(fmt(columns[s].get(name, "")) for s in columns))
     print_table(table)
 
 
@@ -66,7 +66,7 @@ def rows_table(title: str, rows: list[Mapping[str, object]]) -> None:
     for header in headers:
         table.add_column(header, overflow="fold")
     for row in rows:
-        table.add_row(*(_fmt(row.get(h, "")) for h in headers))
+        table.add_row(*(fmt(row.get(h, "")) for h in headers))
     print_table(table)
 
 

@@ -1,0 +1,159 @@
+"""`dlrun quantize`: make a trained model int8 with the real PyTorch stack, then say exactly what was lost.
+
+    dlrun quantize mode=ptq backend=xnnpack          # PT2E static, calibrated on training batches
+    dlrun quantize mode=dynamic backend=x86_inductor # PT2E dynamic activations
+    dlrun quantize mode=qat backend=xnnpack          # PT2E quantization-aware fine-tuning
+    dlrun quantize mode=weight_only quantizer.dtype=int4
+
+The quantized program is saved with torch.export.save as model.pt2 (dynamic batch), which
+`dlrun eval run=...`, `dlrun export` and `dlrun bench` load. fp32 and int8 are compared on the same
+test split: metric, top-1 agreement, max abs output difference, size, latency and throughput.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dlrun import engine, profiling, quantization, rundir, sources, ui
+from dlrun.errors import UsageError
+
+log = logging.getLogger("dlrun")
+
+
+def run(cfg: DictConfig) -> None:
+    started = time.perf_counter()
+    q = cfg.quantizer
+    try:
+        quantization.check_supported(q.mode, q.backend)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train",))
+    if source.kind != "checkpoint":
+        raise UsageError(f"quantize needs a train run or checkpoint, got a {source.kind} ({source.label})")
+    run_dir = rundir.current()
+    cpu = torch.device("cpu")  # int8 kernels (XNNPACK, x86) run on the CPU
+    data = sources.load_data(source, cpu)
+    fp32 = sources.load_model(source, cpu)
+    _check_exclude(fp32, list(q.exclude))
+    example = data.example(batch=2)
+    log.info(f"quantize {source.label}: mode={q.mode} backend={q.backend} ({len(data.train)} train / {len(data.test)} test samples)")
+
+    qat_rows: list[dict] = []
+    if q.mode == "ptq":
+        if q.calib_batches < 1:
+            raise UsageError("quantizer.calib_batches must be >= 1 for ptq (calibration sets the activation ranges)")
+        quantized = _convert(lambda: quantization.quantize_ptq(
+            fp32, example, _calibration(data, q), backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
+    elif q.mode == "dynamic":
+        quantized = _convert(lambda: quantization.quantize_dynamic(
+            fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
+    elif q.mode == "qat":
+        quantized, qat_rows = _quantization_aware_training(cfg, source, fp32, data, example)
+    else:
+        quantized = _convert(lambda: quantization.quantize_weight_only(
+            fp32, dtype=q.dtype, group_size=q.group_size, exclude=list(q.exclude)))
+
+    program = run_dir / sources.QUANTIZED_PROGRAM
+    quantization.save_program(quantized, example, program)
+    quantized = quantization.load_program(program)  # measure exactly what later commands will load
+
+    report = _compare(fp32, quantized, program, data, example, cfg)
+    rundir.write_summary(
+        run_dir, "quantize", OmegaConf.to_container(cfg, resolve=True),
+        metrics={"test": report["quantized"], "fp32": report["fp32"]},
+        comparison=report["comparison"], mode=q.mode, backend=q.backend,
+        program=rundir.relative(program), size_bytes=program.stat().st_size,
+        qat_epochs=qat_rows, source_run=rundir.relative(source.run_dir) if source.run_dir else None,
+        train_run=rundir.relative(source.train_run) if source.train_run else None,
+        source_config=source.config, wall_s=time.perf_counter() - started,
+    )
+    ui.metrics_table(f"{q.mode} ({q.backend}) vs fp32 on the test split",
+                     {"fp32": report["fp32"], "int8": report["quantized"]})
+    comparison = report["comparison"]
+    log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in comparison.items()))
+
+
+def _convert(fn):
+    """Run a quantization step; the stack's errors about the model become one line."""
+    try:
+        return fn()
+    except ValueError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+
+
+def _check_exclude(model: torch.nn.Module, names: list[str]) -> None:
+    modules = [n for n, _ in model.named_modules() if n]
+    for name in names:
+        if name not in modules:
+            near = difflib.get_close_matches(name, modules, n=3)
+            raise UsageError(f"quantizer.exclude: the model has no module '{name}'" + (f"; did you mean {', '.join(near)}?" if near else ""))
+
+
+def _calibration(data, q):
+    """The first `calib_batches` batches of a seeded shuffle of the training split (no augmentation)."""
+    for i, (x, _) in enumerate(data.train.batches(q.calib_batch_size, shuffle_seed=0)):
+        if i >= q.calib_batches:
+            return
+        yield x
+
+
+def _quantization_aware_training(cfg, source, fp32, data, example):
+    """Fine-tune with fake quantization, freezing ranges and BN statistics after the configured epochs."""
+    q = cfg.quantizer
+    train_cfg = OmegaConf.create(source.config)
+    opt_cfg = cfg.optimizer if cfg.get("optimizer") is not None else train_cfg.optimizer
+    sched_cfg = cfg.scheduler if cfg.get("scheduler") is not None else train_cfg.scheduler
+    batch_size = q.batch_size or train_cfg.trainer.batch_size
+    seed = train_cfg.trainer.seed
+    engine.seed_everything(seed, False)
+    prepared = _convert(lambda: quantization.prepare_qat(
+        fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
+    optimizer = instantiate(opt_cfg, lr=opt_cfg.lr * q.lr_scale)(prepared.parameters())
+    steps = math.ceil(len(data.train) / batch_size)
+    scheduler = instantiate(sched_cfg)(optimizer, total_steps=steps * q.epochs, steps_per_epoch=steps)
+    loss_fn = engine.loss_function(data.task)
+    metric, _ = engine.monitor(data.task)
+    rows = []
+    for epoch in range(1, q.epochs + 1):
+        quantization.set_qat_phase(prepared, observers=epoch <= q.disable_observers_after, bn_stats=epoch <= q.freeze_bn_after)
+        stats = engine.train_epoch(prepared, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=batch_size, seed=seed)
+        prepared.eval()
+        val = engine.evaluate(prepared, data.val, data)
+        rows.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val["loss"], f"val_{metric}": val[metric],
+                     "lr": optimizer.param_groups[0]["lr"], "seconds": stats.seconds})
+        log.info(f"qat epoch {epoch}/{q.epochs}  train_loss {stats.loss:.4f}  val_{metric} {val[metric]:.4f}  {stats.seconds:.2f}s")
+    return quantization.convert_qat(prepared), rows
+
+
+def _compare(fp32, quantized, program: Path, data, example, cfg) -> dict:
+    """fp32 vs quantized on the same test split, plus size, batch-1 latency and batch-N throughput."""
+    fp32_metrics = engine.evaluate(fp32, data.test, data)
+    int8_metrics = engine.evaluate(quantized, data.test, data, reference=fp32)
+    with tempfile.TemporaryDirectory() as tmp:  # fp32 serialized the same way, for a like-for-like size
+        fp32_program = Path(tmp) / "fp32.pt2"
+        quantization.save_program(fp32, example, fp32_program)
+        fp32_bytes = fp32_program.stat().st_size
+    int8_bytes = program.stat().st_size
+    for metrics, model, size in ((fp32_metrics, fp32, fp32_bytes), (int8_metrics, quantized, int8_bytes)):
+        metrics["size_bytes"] = size
+        metrics["latency_ms_p50"] = profiling.latency_ms(model, example, repeats=cfg.latency_repeats)["p50"]
+        metrics[f"throughput_b{cfg.throughput_batch}"] = profiling.throughput(model, example, batch=cfg.throughput_batch)
+    metric = "accuracy" if data.task == "classification" else "mse"
+    comparison = {
+        f"{metric}_drop": fp32_metrics[metric] - int8_metrics[metric],
+        "size_ratio": int8_bytes / fp32_bytes,
+        "latency_speedup": fp32_metrics["latency_ms_p50"] / int8_metrics["latency_ms_p50"],
+    }
+    if "top1_agreement" in int8_metrics:
+        comparison["top1_agreement"] = int8_metrics["top1_agreement"]
+    comparison["max_abs_diff"] = int8_metrics["max_abs_diff"]
+    return {"fp32": fp32_metrics, "quantized": int8_metrics, "comparison": comparison}

@@ -46,7 +46,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"unsupported GLOBAL (\S+)", str(exc))
+        unsafe = re.search(r"unsupported global:? GLOBAL (\S+)", str(exc), re.IGNORECASE)
         if unsafe:
             raise UsageError(
                 f"refusing to load {path}: it would run Python code ({unsafe.group(1)}) when unpickled; "
@@ -55,6 +55,8 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
         raise UsageError(f"{path} is not a torch checkpoint file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt): {str(exc).split('. ')[0]}") from None
+    except Exception:  # a file that is no pickle at all (text...) trips the unpickler with KeyError, IndexError...
+        raise UsageError(f"{path} is not a torch checkpoint file") from None
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED):
         raise UsageError(f"{path} is not a dlrun checkpoint (expected a dict with keys {', '.join(REQUIRED)})")
     return checkpoint

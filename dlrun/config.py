@@ -119,6 +119,22 @@ def validate(command: str, overrides: list[str]):
     return cfg
 
 
+def instantiate(node, what: str):
+    """hydra.utils.instantiate, with the builder's own one-line DlrunError unwrapped from Hydra's wrapper."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    from dlrun.errors import DlrunError
+
+    try:
+        return hydra_instantiate(node, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, DlrunError):
+            raise cause from None
+        raise DlrunError(f"cannot build {what} {node.get('_target_')}: {cause or exc}") from None
+
+
 def _values(override) -> list[str]:
     """String values of an override (several for a sweep; none for an interval sweep or a delete)."""
     if override.is_delete() and override.value() is None:

@@ -223,7 +223,7 @@ def torchvision_dataset(
 
 def _missing_files_message(cls, root) -> str:
     if hasattr(cls, "base_folder"):  # CIFAR: python pickle batches in one folder
-        folder, files = Path(root) / cls.base_folder, [name for name, _ in cls.train_list + cls.test_list]
+        folder, files = Path(root) / cls.base_folder, [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     else:  # MNIST family: idx files in <root>/<Class>/raw
         folder, files = Path(root) / cls.__name__ / "raw", [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
     return (
@@ -307,9 +307,9 @@ def image_folder(
 
 def build(dataset_cfg, device: torch.device) -> Data:
     """Instantiate the dataset config and put its tensors on `device`."""
-    from hydra.utils import instantiate
+    from dlrun.config import instantiate
 
-    data = instantiate(dataset_cfg, _convert_="all")
+    data = instantiate(dataset_cfg, "dataset")
     for split in (data.train, data.val, data.test):
         if isinstance(split, FolderSplit):
             split.device = device

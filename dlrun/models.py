@@ -54,6 +54,8 @@ class LeNet(nn.Module):
     def __init__(self, input_shape, num_outputs, channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.2):
         super().__init__()
         c, h, w = _image_shape("lenet", input_shape)
+        if h < 4 or w < 4:
+            raise UsageError(f"model lenet needs images of at least 4x4 pixels, the dataset gives {h}x{w}")
         self.features = nn.Sequential(
             conv_bn_relu(c, channels[0]), nn.MaxPool2d(2),
             conv_bn_relu(channels[0], channels[1]), nn.MaxPool2d(2),
@@ -62,8 +64,6 @@ class LeNet(nn.Module):
             nn.Flatten(), nn.Linear(channels[1] * (h // 4) * (w // 4), hidden), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(hidden, num_outputs),
         )
-        if h < 4 or w < 4:
-            raise UsageError(f"model lenet needs images of at least 4x4 pixels, the dataset gives {h}x{w}")
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -203,16 +203,9 @@ def mobilenet_v2(input_shape, num_outputs, width_mult: float = 1.0, weights: str
 
 def build(model_cfg, input_shape: Sequence[int] | None = None) -> nn.Module:
     """Instantiate a model config and prove it accepts the dataset's input with a dry forward pass."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    from dlrun.config import instantiate
 
-    try:
-        model = instantiate(model_cfg, _convert_="all")
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, DlrunError):
-            raise cause from None
-        raise DlrunError(f"cannot build model {model_cfg.get('_target_')}: {cause or exc}") from None
+    model = instantiate(model_cfg, "model")
     shape = tuple(input_shape or model_cfg.input_shape)
     try:
         with torch.no_grad():

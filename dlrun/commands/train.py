@@ -55,6 +55,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps_per_epoch * t.epochs, steps_per_epoch=steps_per_epoch)
     loss_fn = engine.loss_function(data.task, t.label_smoothing if data.task == "classification" else 0.0)
     metric, mode = engine.monitor(data.task)
+    headline = "accuracy" if data.task == "classification" else "r2"  # orders epochs as val loss does for regression
     config = OmegaConf.to_container(cfg, resolve=True)
 
     checkpoints = run_dir / "checkpoints"
@@ -101,7 +102,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
                 ckpt.save(checkpoints / "best.pt", snap)
             ckpt.save(checkpoints / "last.pt", snap)
             log.info(f"epoch {epoch}/{t.epochs}  train_loss {stats.loss:.4f}  val_loss {val['loss']:.4f}  "
-                     f"val_{metric} {val[metric]:.4f}{' *' if improved else ''}  lr {row['lr']:.3g}  "
+                     f"val_{headline} {val[headline]:.4f}{' *' if improved else ''}  lr {row['lr']:.3g}  "
                      f"{stats.seconds:.2f}s  {stats.samples_per_s:,.0f} samples/s"
                      + (f"  skipped {stats.skipped_batches} non-finite batches" if stats.skipped_batches else ""))
             if t.patience and state["stale_epochs"] >= t.patience:

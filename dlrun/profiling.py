@@ -61,3 +61,26 @@ def throughput(predict: Callable[[torch.Tensor], object], example: torch.Tensor,
     x = example.repeat(reps, *[1] * (example.dim() - 1))[:batch].contiguous()
     times = time_calls(lambda: predict(x), warmup=2, repeats=repeats)
     return batch / (statistics.median(times) / 1e3)
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor a model holds: parameters, buffers and graph constants (int8 weights of a
+    quantized program live in constants). Unlike a file size, this excludes serialized graph metadata,
+    which dominates for tiny models."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        tensors = [*module._parameters.values(), *module._buffers.values(),
+                   *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
+        for tensor in tensors:
+            if tensor is not None and not getattr(tensor, "is_meta", False):
+                seen[id(tensor)] = _nbytes(tensor)
+    return sum(seen.values())
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    """Storage bytes, also for torchao's quantized tensor subclasses (their inner int8 data and scales)."""
+    inner = getattr(tensor, "__tensor_flatten__", None)
+    if inner is not None and type(tensor) is not torch.Tensor and type(tensor) is not nn.Parameter:
+        names, _ = inner()
+        return sum(_nbytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()

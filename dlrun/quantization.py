@@ -400,23 +400,32 @@ def save_program(
 ) -> None:
     """Save a quantized graph (or a weight-only module) as a torch.export program with a dynamic batch.
 
-    Written to `<path>.tmp` and renamed, so `path` never holds half a program.
+    Written atomically (temp file + rename), so `path` never holds half a program.
     """
-    program = _export_program(gm_or_module, example, strict=False, max_batch=max_batch)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    try:
-        torch.export.save(program, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    from dlrun.rundir import atomic_write_bytes
+
+    program = strip_source_locations(_export_program(gm_or_module, example, strict=False, max_batch=max_batch))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def strip_source_locations(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Drop each node's Python stack trace: it embeds this machine's absolute source paths in the artifact."""
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta.pop("stack_trace", None)
+    return program
 
 
 def load_program(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no saved program at {path}")
+    import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops the program calls
+
     try:
         return torch.export.load(path).module()
     except Exception as error:

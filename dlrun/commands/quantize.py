@@ -135,25 +135,46 @@ def _quantization_aware_training(cfg, source, fp32, data, example):
 
 
 def _compare(fp32, quantized, program: Path, data, example, cfg) -> dict:
-    """fp32 vs quantized on the same test split, plus size, batch-1 latency and batch-N throughput."""
+    """fp32 vs quantized on the same test split, then size, batch-1 latency and batch-N throughput
+    measured where each backend is meant to run (a PT2E program run eagerly is a slow reference)."""
     fp32_metrics = engine.evaluate(fp32, data.test, data)
     int8_metrics = engine.evaluate(quantized, data.test, data, reference=fp32)
-    with tempfile.TemporaryDirectory() as tmp:  # fp32 serialized the same way, for a like-for-like size
-        fp32_program = Path(tmp) / "fp32.pt2"
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_program = Path(tmp) / "fp32.pt2"  # fp32 serialized the same way, for a like-for-like file size
         quantization.save_program(fp32, example, fp32_program)
-        fp32_bytes = fp32_program.stat().st_size
-    int8_bytes = program.stat().st_size
-    for metrics, model, size in ((fp32_metrics, fp32, fp32_bytes), (int8_metrics, quantized, int8_bytes)):
-        metrics["size_bytes"] = size
-        metrics["latency_ms_p50"] = profiling.latency_ms(model, example, repeats=cfg.latency_repeats)["p50"]
-        metrics[f"throughput_b{cfg.throughput_batch}"] = profiling.throughput(model, example, batch=cfg.throughput_batch)
+        fp32_metrics["program_bytes"] = fp32_program.stat().st_size
+        int8_metrics["program_bytes"] = program.stat().st_size
+        runtime, fp32_fn, int8_fn = _deployed(cfg.quantizer.backend, fp32, quantized, data, Path(tmp), cfg.throughput_batch)
+        for metrics, model, fn in ((fp32_metrics, fp32, fp32_fn), (int8_metrics, quantized, int8_fn)):
+            metrics["weights_bytes"] = profiling.tensor_bytes(model)
+            metrics["latency_ms_p50"] = profiling.latency_ms(fn, example, repeats=cfg.latency_repeats)["p50"]
+            metrics[f"throughput_b{cfg.throughput_batch}"] = profiling.throughput(fn, example, batch=cfg.throughput_batch)
     metric = "accuracy" if data.task == "classification" else "mse"
     comparison = {
+        "runtime": runtime,
         f"{metric}_drop": fp32_metrics[metric] - int8_metrics[metric],
-        "size_ratio": int8_bytes / fp32_bytes,
+        "size_ratio": int8_metrics["weights_bytes"] / fp32_metrics["weights_bytes"],
+        "program_size_ratio": int8_metrics["program_bytes"] / fp32_metrics["program_bytes"],
         "latency_speedup": fp32_metrics["latency_ms_p50"] / int8_metrics["latency_ms_p50"],
     }
     if "top1_agreement" in int8_metrics:
         comparison["top1_agreement"] = int8_metrics["top1_agreement"]
     comparison["max_abs_diff"] = int8_metrics["max_abs_diff"]
     return {"fp32": fp32_metrics, "quantized": int8_metrics, "comparison": comparison}
+
+
+def _deployed(backend: str, fp32, quantized, data, tmp: Path, max_batch: int):
+    """(runtime label, fp32 callable, int8 callable) as each backend deploys them."""
+    if backend == "xnnpack":  # both lowered to ExecuTorch with the XNNPACK delegate, run by executorch.runtime
+        from dlrun import exporting
+
+        example = data.example(batch=min(32, max_batch))  # lowering needs a batch >= 16 to keep the batch dynamic
+        runners = []
+        for name, module in (("fp32", fp32), ("int8", quantized)):
+            program = exporting.export_program(module, example, dynamic_batch=True, max_batch=max_batch)
+            exporting.to_pte(program, tmp / f"{name}.pte", backend="xnnpack")
+            runners.append(exporting.load_runner(tmp / f"{name}.pte"))
+        return "executorch xnnpack .pte", *runners
+    if backend == "x86_inductor":  # inductor fuses the quantize/dequantize pairs into int8 kernels
+        return "torch.compile (inductor)", torch.compile(fp32), torch.compile(quantized)
+    return "eager pytorch (torchao kernels)", fp32, quantized

@@ -135,9 +135,15 @@ def main() -> None:
 def _dispatch(command: str, overrides: list[str], multirun: bool, cfg_mode: Optional[str], verbose: bool) -> None:
     """Validate the overrides, pick the run directory, then hand over to Hydra's own runner."""
     try:
+        if multirun and cfg_mode:
+            raise UsageError("--cfg prints one job's config: drop --multirun (-m), or pick one value per sweep")
         overrides = config.expand_aliases(command, overrides)
         overrides = _with_resumed_overrides(command, overrides)
         composed = config.validate(command, overrides)
+        if not multirun:
+            config.check_no_sweep(overrides)
+        if not cfg_mode:
+            config.check_complete(composed)
         if not cfg_mode and not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
             from dlrun.rundir import reserve_run_dir
 
@@ -189,6 +195,9 @@ def _with_resumed_overrides(command: str, overrides: list[str]) -> list[str]:
         raise UsageError(f"cannot resume {run_dir}: no checkpoints/last.pt there (is it a dlrun train run directory?)")
     if not saved.is_file():
         raise UsageError(f"cannot resume {run_dir}: {saved} is missing")
+    from dlrun.rundir import check_unlocked
+
+    check_unlocked(run_dir)  # before Hydra rewrites .hydra/ of a run another process is still writing
     from omegaconf import OmegaConf
 
     previous = [o for o in OmegaConf.to_container(OmegaConf.load(saved)) if not o.startswith(("hydra.", "resume="))]

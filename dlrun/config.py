@@ -7,6 +7,8 @@ Validation runs before Hydra does, so a typo or a wrong type costs the user one 
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,7 +118,40 @@ def validate(command: str, overrides: list[str]):
 
     cfg = compose(command, selections + [line for _, line in settings])
     check_values(cfg)
+    _check_resolves(cfg)
     return cfg
+
+
+def check_no_sweep(overrides: list[str]) -> None:
+    """A comma list or range() runs one job per value, which only --multirun does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            raise UsageError(
+                f"{override.input_line} is a sweep: add --multirun (-m) to run one job per value, "
+                f"or quote a literal value: {override.get_key_element()}='...'"
+            )
+
+
+def check_complete(cfg) -> None:
+    """Every mandatory value (`???` in conf/, e.g. dataset.root of image_folder) must be set to run."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UsageError(f"{missing[0]} is required: add {missing[0]}=... to the command line")
+
+
+def _check_resolves(cfg) -> None:
+    """Interpolations like name=${oops} fail here as one line, not later as a traceback."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as exc:
+        raise UsageError(f"cannot resolve the config: {_one_line(exc)}") from None
 
 
 def instantiate(node, what: str):
@@ -224,18 +259,22 @@ RULES: dict[str, Rule] = {
     "trainer.epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "trainer.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "trainer.eval_batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "trainer.device": (lambda v: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "one of auto, cpu, cuda, cuda:N"),
+    "trainer.device": (lambda v: _is_device(v), "one of auto, cpu, cuda, cuda:N"),
     "trainer.precision": (lambda v: v in ("fp32", "bf16"), "one of fp32, bf16"),
     "trainer.nan_policy": (lambda v: v in ("stop", "skip_batch"), "one of stop, skip_batch"),
     "trainer.grad_clip": (lambda v: v is None or v > 0, "null or a number > 0"),
     "trainer.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "trainer.patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
-    "optimizer.lr": (lambda v: v > 0, "a number > 0"),
+    "optimizer.lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
     "dataset.val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dataset.test_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "device": (lambda v: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "one of auto, cpu, cuda, cuda:N"),
+    "device": (lambda v: _is_device(v), "one of auto, cpu, cuda, cuda:N"),
     "batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
 }
+
+
+def _is_device(value: Any) -> bool:
+    return value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(value)) is not None
 
 
 _ABSENT = object()

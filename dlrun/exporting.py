@@ -21,52 +21,9 @@ from pathlib import Path
 
 import torch
 
-FORMATS = ("pte", "pt2", "onnx")
-
-# What the source program contains; the graphs differ enough that each lowers differently.
-SOURCE_KINDS = {
-    "fp32": "float model",
-    "pt2e_int8": "static int8 PT2E program from the XNNPACK quantizer (ptq, qat)",
-    "pt2e_int8_dynamic": "dynamic int8 PT2E program from the XNNPACK quantizer",
-    "pt2e_int8_x86": "static int8 PT2E program from the x86-Inductor quantizer (ptq, qat)",
-    "pt2e_int8_x86_dynamic": "dynamic int8 PT2E program from the x86-Inductor quantizer",
-    "weight_only": "torchao int8 weight-only model (Int8WeightOnlyConfig)",
-    "weight_only_int4": "torchao int4 weight-only model (IntxWeightOnlyConfig)",
-    "weight_only_int8_dynamic": "torchao int8 dynamic-activation model (Int8DynamicActivationInt8WeightConfig)",
-}
-
-# (format, backend, source kind) -> note. Every entry was verified end to end (artifact loaded in its
-# runtime, batch 1 and 32, parity with the source model); a combination not listed is refused.
-EXPORT_CAPABILITIES: dict[tuple[str, str, str], str] = {
-    ("pte", "xnnpack", "fp32"): "fp32 ops delegated to XNNPACK",
-    ("pte", "xnnpack", "pt2e_int8"): "int8 ops delegated to XNNPACK",
-    ("pte", "xnnpack", "pt2e_int8_dynamic"): "dynamically quantized ops delegated to XNNPACK",
-    ("pte", "portable", "fp32"): "ExecuTorch portable kernels only (slow reference path)",
-    ("pte", "portable", "weight_only"): "int8 weights dequantized by portable kernels",
-    **{("pt2", "none", kind): "runs in PyTorch via torch.export.load" for kind in SOURCE_KINDS},
-    ("onnx", "onnxruntime", "fp32"): "torch.onnx dynamo exporter",
-    ("onnx", "onnxruntime", "pt2e_int8"): "QuantizeLinear/DequantizeLinear graph",
-    ("onnx", "onnxruntime", "pt2e_int8_x86"): "QuantizeLinear/DequantizeLinear graph (uint8 activations)",
-    ("onnx", "onnxruntime", "weight_only"): "int8 initializers dequantized in the graph",
-    ("onnx", "onnxruntime", "weight_only_int4"): "int4 values in int8 initializers, dequantized in the graph",
-}
-
-# Why some tempting combinations are refused (each was tried).
-_REFUSAL_REASONS = {
-    ("pte", "xnnpack", "weight_only"): "XNNPACK lowering gives silently wrong outputs",
-    ("pte", "xnnpack", "weight_only_int4"): "XNNPACK lowering gives silently wrong outputs",
-    ("pte", "xnnpack", "pt2e_int8_x86"): "XNNPACK does not take the x86 quantizer's ops",
-    ("pte", "portable", "pt2e_int8"): "the ExecuTorch runtime has no portable quantize/dequantize kernels",
-    ("onnx", "onnxruntime", "pt2e_int8_dynamic"): "the exporter cannot translate choose_qparams",
-}
-
-
-def quantized_source_kind(mode: str, backend: str, dtype: str = "int8") -> str:
-    """The source kind of a program made by dlrun.quantization (mode, quantizer backend, weight_only dtype)."""
-    if mode == "weight_only":
-        return {"int8": "weight_only", "int4": "weight_only_int4", "int8_dynamic": "weight_only_int8_dynamic"}[dtype]
-    kind = {"xnnpack": "pt2e_int8", "x86_inductor": "pt2e_int8_x86"}[backend]
-    return f"{kind}_dynamic" if mode == "dynamic" else kind
+from dlrun.capabilities import (  # noqa: F401  (re-exported)
+    EXPORT_CAPABILITIES, FORMATS, SOURCE_KINDS, check_export_supported, quantized_source_kind,
+)
 
 
 _ONNX_INSTALL_HINT = "pip install 'dlrun[onnx]'"
@@ -74,26 +31,6 @@ _ONNX_INSTALL_HINT = "pip install 'dlrun[onnx]'"
 _RUNTIME_NOISE = ("cpuinfo_utils.cpp",)
 # Graph plumbing that runs no kernel; left out of the delegation counts.
 _BOOKKEEPING_OPS = {"getitem", "sym_size"}
-
-
-def check_export_supported(fmt: str, backend: str, source_kind: str) -> None:
-    """Raise a one-line ValueError unless (fmt, backend, source_kind) is in EXPORT_CAPABILITIES."""
-    if (fmt, backend, source_kind) in EXPORT_CAPABILITIES:
-        return
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if source_kind not in SOURCE_KINDS:
-        raise ValueError(f"unknown source kind {source_kind!r}; one of {', '.join(SOURCE_KINDS)}")
-    backends: dict[str, list[str]] = {}
-    for f, b, kind in EXPORT_CAPABILITIES:
-        if f == fmt:
-            backends.setdefault(b, []).append(kind)
-    supported = "; ".join(f"backend={b}: {', '.join(kinds)}" for b, kinds in backends.items())
-    reason = _REFUSAL_REASONS.get((fmt, backend, source_kind))
-    why = f" ({reason})" if reason else ""
-    raise ValueError(
-        f"cannot export a {source_kind} model to {fmt} with backend={backend}{why}; supported for {fmt}: {supported}"
-    )
 
 
 def export_program(

@@ -24,40 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MODES = ("ptq", "dynamic", "qat", "weight_only")
-# weight_only is not a PT2E quantizer: it is torchao's eager `quantize_`, so it has its own backend name.
-# Accepting it under backend=xnnpack would promise an XNNPACK program, and weight-only models lowered
-# through XnnpackPartitioner give wrong numbers on this stack.
-BACKENDS = ("xnnpack", "x86_inductor", "torchao")
-
-# (mode, backend) -> what it does; an absent pair is unsupported. Drives validation, `dlrun ls quantizer`
-# and the README table. Every entry was checked on a LeNet-style CNN, a small ResNet and torchvision resnet18.
-CAPABILITIES: dict[tuple[str, str], str] = {
-    ("ptq", "xnnpack"): "static int8: int8 weights, calibrated int8 activations; lowers to an ExecuTorch XNNPACK .pte",
-    ("ptq", "x86_inductor"): "static int8 (uint8 activations) for torch.compile on x86 CPUs; per-channel weights only",
-    ("dynamic", "xnnpack"): "int8 weights, activations quantized at run time; Linear, and Conv not followed by ReLU",
-    ("dynamic", "x86_inductor"): "int8 weights, activations quantized at run time on Conv and Linear",
-    ("qat", "xnnpack"): "fake-quant fine-tuning, then static int8 as ptq/xnnpack; BatchNorm folded into conv",
-    ("qat", "x86_inductor"): "fake-quant fine-tuning, then static int8 as ptq/x86_inductor; BatchNorm folded into conv",
-    ("weight_only", "torchao"): "eager torchao quantize_ of Linear layers (int8, int4, int8_dynamic); convs stay float",
-}
+from dlrun.capabilities import BACKENDS, CAPABILITIES, MODES, capability_rows, check_supported  # noqa: F401  (re-exported)
 
 WEIGHT_ONLY_DTYPES = ("int8", "int4", "int8_dynamic")
 _BN_FROZEN = "dlrun_bn_frozen"  # key in a QAT graph's .meta: keep BN statistics frozen across .train()
-
-
-def check_supported(mode: str, backend: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; modes: {', '.join(MODES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown quantization backend {backend!r}; backends: {', '.join(BACKENDS)}")
-    if (mode, backend) not in CAPABILITIES:
-        backends = [b for m, b in CAPABILITIES if m == mode]
-        raise ValueError(f"mode={mode} does not run on backend={backend}; it runs on backend={' or '.join(backends)}")
-
-
-def capability_rows() -> list[tuple[str, str, str]]:
-    return [(mode, backend, note) for (mode, backend), note in CAPABILITIES.items()]
 
 
 # --- export -------------------------------------------------------------------------------------------
@@ -73,9 +43,9 @@ def export_for_quantization(
 def _export_program(
     model: nn.Module, example: torch.Tensor, *, strict: bool, max_batch: int
 ) -> torch.export.ExportedProgram:
-    if example.shape[0] < 2:
-        # An example of batch 1 makes export specialize the batch dimension to 1.
-        example = torch.cat([example, example])
+    # A copy: torch.export stores the example in the program, and a view would drag its whole dataset along.
+    # An example of batch 1 makes export specialize the batch dimension to 1.
+    example = torch.cat([example, example]) if example.shape[0] < 2 else example.clone()
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     try:
         return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=strict)

@@ -24,6 +24,7 @@ class Source:
     config: dict  # resolved config of the train run the weights come from
     run_dir: Path | None  # the run that produced `path`
     train_run: Path | None  # the train run at the root of the lineage
+    max_batch: int | None = None  # largest batch an exported artifact accepts (None: any)
 
     @property
     def label(self) -> str:
@@ -74,7 +75,9 @@ def _from_artifact(path: Path) -> Source:
     if not summary_path.is_file():
         raise UsageError(f"cannot tell which dataset {path} was made for: no {rundir.SUMMARY} beside it (export it with dlrun export)")
     summary = rundir.read_json(summary_path)
-    return Source("artifact", path, _source_config(summary, summary_path), path.parent, _train_run(summary))
+    export = summary.get("config", {}).get("export", {})
+    max_batch = export.get("max_batch") if export.get("dynamic_batch", True) else 1
+    return Source("artifact", path, _source_config(summary, summary_path), path.parent, _train_run(summary), max_batch)
 
 
 def _source_config(summary: dict, where: Path) -> dict:
@@ -93,7 +96,6 @@ def load_model(source: Source, device="cpu"):
     from omegaconf import OmegaConf
 
     from dlrun import checkpoint, models
-    from dlrun.errors import DlrunError
 
     if source.kind != "checkpoint":
         raise UsageError(f"{source.label} is a {source.kind}, not a train checkpoint")
@@ -102,7 +104,7 @@ def load_model(source: Source, device="cpu"):
     try:
         model.load_state_dict(checkpoint.load(source.path, device)[checkpoint.MODEL])
     except RuntimeError as exc:
-        raise DlrunError(f"{source.label} does not fit its own model config: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{source.label} does not fit its own model config: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval()
 
 

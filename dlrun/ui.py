@@ -39,7 +39,7 @@ def progress(total_steps: int, description: str) -> Iterator[callable]:
 
 def fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4f}"
     if isinstance(value, int) and abs(value) >= 10_000:
         return f"{value:,}"
     return str(value)
@@ -66,7 +66,7 @@ def rows_table(title: str, rows: list[Mapping[str, object]]) -> None:
     for header in headers:
         table.add_column(header, overflow="fold")
     for row in rows:
-        table.add_row(*(fmt(row.get(h, "")) for h in headers))
+        table.add_row(*(fmt(row[h]) if row.get(h) is not None else "" for h in headers))
     print_table(table)
 
 

@@ -43,6 +43,7 @@ class Variant:
     name: str
     format: str
     path: Path
+    run: str  # the run directory it came from
     load: Callable[[], Callable[[torch.Tensor], torch.Tensor]]
     max_batch: int | None = None  # None: any batch size
 
@@ -70,8 +71,8 @@ def run(cfg: DictConfig) -> None:
 
     rows, baseline = [], None
     for variant in variants:
-        row = {"variant": variant.name, "format": variant.format, "status": "ok", "size_mb": variant.path.stat().st_size / 1e6
-               if variant.path.is_file() else None, "params": params, "flops": flops}
+        row = {"variant": variant.name, "format": variant.format, "run": variant.run, "status": "ok",
+               "size_mb": variant.path.stat().st_size / 1e6, "params": params, "flops": flops}
         try:
             row.update(_measure(variant, fp32, data, example, cfg))
         except Exception as exc:  # a broken variant is a row, never a crash
@@ -88,7 +89,9 @@ def run(cfg: DictConfig) -> None:
         run_dir, "bench", OmegaConf.to_container(cfg, resolve=True), rows=rows, threads=torch.get_num_threads(),
         train_run=rundir.relative(train_run), source_config=source.config, wall_s=time.perf_counter() - started,
     )
-    ui.rows_table(f"bench {rundir.relative(train_run)} ({torch.get_num_threads()} threads)", rows)
+    shown = ("variant", "status", "size_mb", "metric", "top1_agreement", "latency_ms_p50", "latency_ms_p90", "throughput_sps", "speedup")
+    ui.rows_table(f"bench {rundir.relative(train_run)}: {params:,} params, {flops:,} FLOPs, {torch.get_num_threads()} threads "
+                  f"(all columns in bench.csv)", [{k: row.get(k) for k in shown} for row in rows])
 
 
 def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
@@ -96,8 +99,8 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
     from dlrun import exporting, quantization
 
     variants = [
-        Variant("fp32 eager", "eager", source.path, lambda: fp32),
-        Variant("fp32 torch.compile", "compile", source.path, lambda: torch.compile(fp32)),
+        Variant("fp32 eager", "eager", source.path, train_run.name, lambda: fp32),
+        Variant("fp32 torch.compile", "compile", source.path, train_run.name, lambda: torch.compile(fp32)),
     ]
     for command in ("quantize", "export"):
         for run_dir in rundir.completed_runs(command):
@@ -111,13 +114,13 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
                 compiled = summary["backend"] == "x86_inductor"
                 load = (lambda p=program: torch.compile(quantization.load_program(p))) if compiled else (
                     lambda p=program: quantization.load_program(p))
-                variants.append(Variant(f"{name}{' compiled' if compiled else ''} ({run_dir.name})", "quantized", program, load))
+                variants.append(Variant(f"{name} program{' compiled' if compiled else ' (eager reference)'}", "quantized", program, run_dir.name, load))
             else:
                 artifact = run_dir / Path(summary["artifact"]).name
                 what = "fp32" if summary.get("source_kind") == "fp32" else summary.get("source_kind", "?")
                 config = summary["config"]["export"]
                 variants.append(Variant(
-                    f"{what} .{summary['format']} {summary['backend']} ({run_dir.name})", summary["format"], artifact,
+                    f"{what} .{summary['format']} {summary['backend']}", summary["format"], artifact, run_dir.name,
                     lambda a=artifact: exporting.load_runner(a),
                     max_batch=config["max_batch"] if config.get("dynamic_batch", True) else 1,
                 ))

@@ -26,7 +26,8 @@ def run(cfg: DictConfig) -> None:
     predict = sources.load_predictor(source, device)
     log.info(f"eval {source.kind} {source.label} on {len(data.test)} test samples ({device})")
 
-    test = engine.evaluate(predict, data.test, data, batch_size=cfg.batch_size, confusion=True)
+    batch_size = min(cfg.batch_size, source.max_batch or cfg.batch_size)
+    test = engine.evaluate(predict, data.test, data, batch_size=batch_size, confusion=True)
     example = data.example()
     fields = {
         "size_bytes": source.path.stat().st_size,

@@ -12,6 +12,7 @@ test split: metric, top-1 agreement, max abs output difference, size, latency an
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import math
@@ -70,7 +71,7 @@ def run(cfg: DictConfig) -> None:
     rundir.write_summary(
         run_dir, "quantize", OmegaConf.to_container(cfg, resolve=True),
         metrics={"test": report["quantized"], "fp32": report["fp32"]},
-        comparison=report["comparison"], mode=q.mode, backend=q.backend,
+        comparison=report["comparison"], mode=q.mode, backend=q.backend, dtype=q.get("dtype"),
         program=rundir.relative(program), size_bytes=program.stat().st_size,
         qat_epochs=qat_rows, source_run=rundir.relative(source.run_dir) if source.run_dir else None,
         train_run=rundir.relative(source.train_run) if source.train_run else None,
@@ -115,8 +116,8 @@ def _quantization_aware_training(cfg, source, fp32, data, example):
     batch_size = q.batch_size or train_cfg.trainer.batch_size
     seed = train_cfg.trainer.seed
     engine.seed_everything(seed, False)
-    prepared = _convert(lambda: quantization.prepare_qat(
-        fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
+    prepared = _convert(lambda: quantization.prepare_qat(  # on a copy: the exported graph shares fp32's parameters
+        copy.deepcopy(fp32), example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
     optimizer = instantiate(opt_cfg, lr=opt_cfg.lr * q.lr_scale)(prepared.parameters())
     steps = math.ceil(len(data.train) / batch_size)
     scheduler = instantiate(sched_cfg)(optimizer, total_steps=steps * q.epochs, steps_per_epoch=steps)

@@ -11,6 +11,8 @@ import io
 import json
 import logging
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -31,15 +33,39 @@ def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
     run_dir = rundir.current()
     lock = rundir.acquire_lock(run_dir)
+    previous_handler = signal.signal(signal.SIGINT, _on_interrupt(lock))
     try:
         _train(cfg, run_dir, started)
     except KeyboardInterrupt:
         raise DlrunError(
-            f"interrupted; checkpoints/last.pt holds the last completed epoch. Resume with: dlrun train resume={run_dir}",
+            "interrupted; checkpoints/last.pt holds the last completed epoch. "
+            f"Resume with: dlrun train resume={rundir.relative(run_dir)}",
             INTERRUPTED,
         ) from None
+    else:
+        signal.signal(signal.SIGINT, previous_handler)
     finally:
         rundir.release_lock(lock)
+
+
+def _on_interrupt(lock: Path):
+    """First Ctrl-C: KeyboardInterrupt (stop cleanly, say how to resume). Second: exit at once.
+
+    Every file of a run is replaced atomically, so exiting mid-way leaves each one old or new, never half;
+    the handler stays installed until the process ends, so a Ctrl-C during shutdown cannot print a traceback.
+    """
+    interrupted = False
+
+    def handler(signum, frame):
+        nonlocal interrupted
+        if interrupted:
+            rundir.release_lock(lock)
+            os.write(2, b"interrupted again: exiting now\n")
+            os._exit(INTERRUPTED)
+        interrupted = True
+        raise KeyboardInterrupt
+
+    return handler
 
 
 def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
@@ -64,6 +90,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
     rows: list[dict] = []
     first_epoch = 1
     if cfg.resume:
+        rundir.remove_stale_temps(run_dir, checkpoints)  # left by a process killed mid-write (we hold the lock)
         first_epoch, rows = _restore(checkpoints / "last.pt", device, model, optimizer, scheduler, state, config, run_dir)
 
     def snapshot(epoch: int) -> dict:

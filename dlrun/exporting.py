@@ -36,7 +36,22 @@ _BOOKKEEPING_OPS = {"getitem", "sym_size"}
 def export_program(
     module: torch.nn.Module, example: torch.Tensor, *, dynamic_batch: bool = True, max_batch: int = 64
 ) -> torch.export.ExportedProgram:
-    """torch.export the module with dim 0 dynamic in [1, max_batch] (or fixed at the example's batch).
+    """torch.export the module with dim 0 dynamic in [1, max_batch] (or fixed at the example's batch),
+    without the source locations that would put this machine's paths into every artifact."""
+    return strip_source_locations(_export(module, example, dynamic_batch=dynamic_batch, max_batch=max_batch))
+
+
+def strip_source_locations(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Drop each node's Python stack trace: it embeds this machine's absolute source paths."""
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta.pop("stack_trace", None)
+    return program
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, *, dynamic_batch: bool, max_batch: int) -> torch.export.ExportedProgram:
+    """torch.export with dim 0 dynamic in [1, max_batch] (or fixed at the example's batch).
 
     Takes an eager module (put in eval mode) or an exported/PT2E-converted GraphModule, such as
     `torch.export.load(path).module()`, which has no train/eval switch and is exported as is.

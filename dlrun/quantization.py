@@ -372,6 +372,7 @@ def save_program(
 
     Written atomically (temp file + rename), so `path` never holds half a program.
     """
+    from dlrun.exporting import strip_source_locations
     from dlrun.rundir import atomic_write_bytes
 
     program = strip_source_locations(_export_program(gm_or_module, example, strict=False, max_batch=max_batch))
@@ -379,15 +380,6 @@ def save_program(
     torch.export.save(program, buffer)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(path), buffer.getvalue())
-
-
-def strip_source_locations(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """Drop each node's Python stack trace: it embeds this machine's absolute source paths in the artifact."""
-    for module in program.graph_module.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.nodes:
-                node.meta.pop("stack_trace", None)
-    return program
 
 
 def load_program(path: str | os.PathLike) -> nn.Module:

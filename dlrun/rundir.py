@@ -55,15 +55,19 @@ def reserve_run_dir(command: str, name: str | None = None, *, multirun: bool = F
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder + fsync + rename: readers see the old or the new file, never half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:  # Ctrl-C included: never leave the temp file behind
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, read-only, permissions: one line naming the file
+            raise DlrunError(f"cannot write {path}: {exc.strerror or exc}; the previous file is intact") from None
         raise
     _fsync_dir(path.parent)
 

@@ -46,7 +46,8 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"unsupported global:? GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        # "Unsupported global: GLOBAL builtins.open" or "unsupported GLOBAL posix.system whose module posix is blocked"
+        unsafe = re.search(r"unsupported (?:global:? )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
         if unsafe:
             raise UsageError(
                 f"refusing to load {path}: it would run Python code ({unsafe.group(1)}) when unpickled; "

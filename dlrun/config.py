@@ -265,7 +265,7 @@ RULES: dict[str, Rule] = {
     "trainer.grad_clip": (lambda v: v is None or v > 0, "null or a number > 0"),
     "trainer.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "trainer.patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
-    "optimizer.lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "optimizer.lr": (lambda v: 0 < v < math.inf, "a number > 0 and finite"),
     "dataset.val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dataset.test_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "device": (lambda v: _is_device(v), "one of auto, cpu, cuda, cuda:N"),

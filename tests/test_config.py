@@ -120,6 +120,7 @@ def test_unknown_option_names_the_closest_and_lists_all(cli):
 )
 def test_bad_values_are_one_line_usage_errors(cli, override, message):
     error_line(cli("train", override), 2, message)
+    assert not (cli.cwd / "outputs").exists()  # rejected before any run directory (let alone checkpoints/) is made
 
 
 def test_unknown_device_for_eval(cli):

@@ -30,75 +30,30 @@ app = typer.Typer(
 OVERRIDES_HELP = "Hydra overrides: key=value, group=option, +key=value, ~key (e.g. model=resnet optimizer.lr=0.05)."
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
-
-def _overrides_argument():
-    return typer.Argument(None, help=OVERRIDES_HELP, show_default=False)
-
-
-def _multirun_option():
-    return typer.Option(False, "--multirun", "-m", help="Sweep over comma-separated values through Hydra's launcher.")
-
-
-def _cfg_option():
-    return typer.Option(None, "--cfg", "-c", help="Print the composed config (job|hydra|all) and exit without running.")
+# The Hydra-backed commands: name -> help. Each runs dlrun/commands/<name>.py with conf/<name>.yaml.
+COMMANDS = {
+    "train": "Train a model: [bold]dlrun train model=resnet optimizer.lr=0.05[/bold] (resume with resume=RUN_DIR).",
+    "eval": "Evaluate a checkpoint, quantized program or artifact: [bold]dlrun eval run=RUN_DIR[/bold] | ckpt=PATH | artifact=PATH.",
+    "quantize": "Quantize a trained model: [bold]dlrun quantize mode=qat backend=xnnpack[/bold] (modes: ptq, dynamic, qat, weight_only).",
+    "export": "Export and verify in its runtime: [bold]dlrun export format=pte backend=xnnpack[/bold] (formats: pte, pt2, onnx).",
+    "bench": "Benchmark every variant of a run (eager, compiled, quantized, .pte, .onnx): [bold]dlrun bench run=RUN_DIR[/bold].",
+}
 
 
-def _verbose_option():
-    return typer.Option(False, "--verbose", "-v", help="Show Python tracebacks for errors.")
+def _hydra_command(name: str):
+    def command(
+        overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+        multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep over comma-separated values through Hydra's launcher."),
+        cfg: Optional[str] = typer.Option(None, "--cfg", "-c", help="Print the composed config (job|hydra|all) and exit without running."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Python tracebacks for errors."),
+    ):
+        _dispatch(name, overrides or [], multirun, cfg, verbose)
+
+    return command
 
 
-@app.command(context_settings=PASS_THROUGH)
-def train(
-    overrides: Optional[list[str]] = _overrides_argument(),
-    multirun: bool = _multirun_option(),
-    cfg: Optional[str] = _cfg_option(),
-    verbose: bool = _verbose_option(),
-):
-    """Train a model: [bold]dlrun train model=resnet optimizer.lr=0.05[/bold] (resume with resume=RUN_DIR)."""
-    _dispatch("train", overrides or [], multirun, cfg, verbose)
-
-
-@app.command(name="eval", context_settings=PASS_THROUGH)
-def evaluate(
-    overrides: Optional[list[str]] = _overrides_argument(),
-    multirun: bool = _multirun_option(),
-    cfg: Optional[str] = _cfg_option(),
-    verbose: bool = _verbose_option(),
-):
-    """Evaluate a checkpoint, quantized program or artifact: [bold]dlrun eval run=RUN_DIR[/bold] | ckpt=PATH | artifact=PATH."""
-    _dispatch("eval", overrides or [], multirun, cfg, verbose)
-
-
-@app.command(context_settings=PASS_THROUGH)
-def quantize(
-    overrides: Optional[list[str]] = _overrides_argument(),
-    multirun: bool = _multirun_option(),
-    cfg: Optional[str] = _cfg_option(),
-    verbose: bool = _verbose_option(),
-):
-    """Quantize a trained model: [bold]dlrun quantize mode=qat backend=xnnpack[/bold] (modes: ptq, dynamic, qat, weight_only)."""
-    _dispatch("quantize", overrides or [], multirun, cfg, verbose)
-
-
-@app.command(name="export", context_settings=PASS_THROUGH)
-def export_(
-    overrides: Optional[list[str]] = _overrides_argument(),
-    multirun: bool = _multirun_option(),
-    cfg: Optional[str] = _cfg_option(),
-    verbose: bool = _verbose_option(),
-):
-    """Export and verify in its runtime: [bold]dlrun export format=pte backend=xnnpack[/bold] (formats: pte, pt2, onnx)."""
-    _dispatch("export", overrides or [], multirun, cfg, verbose)
-
-
-@app.command(context_settings=PASS_THROUGH)
-def bench(
-    overrides: Optional[list[str]] = _overrides_argument(),
-    cfg: Optional[str] = _cfg_option(),
-    verbose: bool = _verbose_option(),
-):
-    """Benchmark every variant of a run (eager, compiled, quantized, .pte, .onnx): [bold]dlrun bench run=RUN_DIR[/bold]."""
-    _dispatch("bench", overrides or [], False, cfg, verbose)
+for _name, _help in COMMANDS.items():
+    app.command(name=_name, help=_help, context_settings=PASS_THROUGH)(_hydra_command(_name))
 
 
 @app.command(name="ls")

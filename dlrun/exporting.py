@@ -217,7 +217,10 @@ def _onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
 def _pt2_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the ops int8 PT2E programs use
 
-    module = torch.export.load(path).module()
+    from dlrun.quantization import quiet_export_log
+
+    with quiet_export_log():
+        module = torch.export.load(path).module()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -268,7 +271,7 @@ def check_parity(
         widest = max(outs, key=len)  # the pass that covers the most samples
         accuracy = (widest.argmax(1) == targets[: len(widest)]).float().mean().item()
     return Parity(
-        samples=len(inputs),
+        samples=max(len(o) for o in outs),  # batch 1 alone covers only the first _MAX_SAMPLES_AT_BATCH_1
         max_abs_diff=max_abs_diff,
         relative_diff=max_abs_diff / max(ref.abs().max().item(), torch.finfo(torch.float32).tiny),
         top1_agreement=(out.argmax(1) == ref.argmax(1)).float().mean().item() if classification else None,

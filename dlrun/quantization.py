@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import re
 import traceback
@@ -389,10 +390,23 @@ def load_program(path: str | os.PathLike) -> nn.Module:
     import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops the program calls
 
     try:
-        return torch.export.load(path).module()
+        with quiet_export_log():
+            return torch.export.load(path).module()
     except Exception as error:
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise ValueError(f"cannot load program {path}: {reason}") from error
+
+
+@contextlib.contextmanager
+def quiet_export_log() -> Iterator[None]:
+    """On a corrupt file torch.export.load logs the traceback through its own stderr handler before raising;
+    callers turn the error into one line, so the log would only bury it."""
+    logger = logging.getLogger("torch.export")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def serialized_size(path_or_module: str | os.PathLike | nn.Module) -> int:

@@ -11,6 +11,8 @@ Layout contract (later commands and users rely on it):
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -248,3 +250,13 @@ def write_summary(run_dir: Path, command: str, config: dict, **fields: Any) -> d
     summary = {"command": command, **fields, "versions": versions(), "git_commit": git_commit(), "config": config}
     write_json(Path(run_dir) / SUMMARY, summary)
     return summary
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """metrics.csv and metrics.jsonl, rewritten atomically each epoch (a crash never leaves half a row)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlrun import rundir
-from dlrun.errors import UsageError
+from dlrun.errors import DlrunError, UsageError
 
 QUANTIZED_PROGRAM = "model.pt2"  # what a quantize run leaves behind (torch.export.save)
 ARTIFACT_SUFFIXES = (".pte", ".pt2", ".onnx")
@@ -51,7 +51,8 @@ def from_run_dir(run_dir: Path) -> Source:
     summary_path = run_dir / rundir.SUMMARY
     if (run_dir / QUANTIZED_PROGRAM).is_file() and summary_path.is_file():
         summary = rundir.read_json(summary_path)
-        return Source("quantized", run_dir / QUANTIZED_PROGRAM, _source_config(summary, summary_path), run_dir, _train_run(summary))
+        return Source("quantized", run_dir / QUANTIZED_PROGRAM, _source_config(summary, summary_path), run_dir,
+                      _train_run(summary, summary_path))
     artifacts = [p for p in sorted(run_dir.iterdir()) if p.suffix in ARTIFACT_SUFFIXES] if run_dir.is_dir() else []
     if artifacts and summary_path.is_file():
         return _from_artifact(artifacts[0])
@@ -77,7 +78,7 @@ def _from_artifact(path: Path) -> Source:
     summary = rundir.read_json(summary_path)
     export = summary.get("config", {}).get("export", {})
     max_batch = export.get("max_batch") if export.get("dynamic_batch", True) else 1
-    return Source("artifact", path, _source_config(summary, summary_path), path.parent, _train_run(summary), max_batch)
+    return Source("artifact", path, _source_config(summary, summary_path), path.parent, _train_run(summary, summary_path), max_batch)
 
 
 def _source_config(summary: dict, where: Path) -> dict:
@@ -87,8 +88,15 @@ def _source_config(summary: dict, where: Path) -> dict:
     return config
 
 
-def _train_run(summary: dict) -> Path | None:
-    return Path(summary["train_run"]) if summary.get("train_run") else None
+def _train_run(summary: dict, where: Path) -> Path | None:
+    """The lineage's train run. Summaries store it relative to the directory the command ran in, which need not
+    be today's working directory: then it is found under the folder holding the summary's outputs/."""
+    if not summary.get("train_run"):
+        return None
+    path = Path(summary["train_run"])
+    if path.is_absolute() or path.exists():
+        return path
+    return next((root / path for root in where.resolve().parents if (root / path).is_dir()), path)
 
 
 def load_model(source: Source, device="cpu"):
@@ -112,13 +120,21 @@ def load_predictor(source: Source, device="cpu"):
     """A callable x -> outputs for any source: eager model, quantized program, or artifact in its runtime."""
     if source.kind == "checkpoint":
         return load_model(source, device)
-    if source.kind == "quantized":
-        from dlrun import quantization
+    try:
+        if source.kind == "quantized":
+            from dlrun import quantization
 
-        return quantization.load_program(source.path)
-    from dlrun import exporting
+            return quantization.load_program(source.path)
+        from dlrun import exporting
 
-    return exporting.load_runner(source.path)
+        return exporting.load_runner(source.path)
+    except ImportError as exc:  # a missing optional runtime: the message says what to pip install
+        raise DlrunError(str(exc)) from None
+    except ValueError as exc:  # load_program's and load_runner's own one-line explanations
+        raise UsageError(str(exc).splitlines()[0]) from None
+    except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a truncated or corrupt file
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UsageError(f"cannot load {source.label} (truncated or corrupt?): {reason}") from None
 
 
 def load_data(source: Source, device="cpu"):

@@ -121,3 +121,69 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     assert len(dirs) == 1, dirs
     assert re.fullmatch(TIMESTAMP + "_tiny", dirs[0].name), dirs[0].name
     return TrainedRun(cwd=cwd, run_dir=dirs[0].resolve(), result=result, args=args)
+
+
+# --- One tiny train -> quantize -> export pipeline, shared by test_quantize_cli, test_export_cli, test_bench_cli ---
+
+# Quantize runs compare fp32 and int8 on the backend's runtime; these keep that measurement cheap.
+CHEAP_QUANTIZE = ("latency_repeats=5", "throughput_batch=8")
+# One intra-op thread: on a small shared machine, two spinning OpenMP threads make a 0.2 s QAT epoch take 7 s.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def copy_train_run(trained: TrainedRun, cwd: Path) -> Path:
+    """A copy of the session's train run at cwd/outputs/train/<name>, so that commands run in cwd find it as
+    the latest train run (no run=) and write their lineage relative to cwd, as a user's project would."""
+    import shutil
+
+    target = cwd / "outputs" / "train" / trained.run_dir.name
+    shutil.copytree(trained.run_dir, target)
+    return target.resolve()
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Pipeline:
+    cwd: Path  # the working directory: outputs/train/<copy of the tiny run>, then quantize/ and export/ runs
+    train_run: Path
+
+    def run(self, *args, timeout: float = 600) -> Result:
+        return run_dlrun(args, self.cwd, env=subprocess_env(**ONE_THREAD_ENV), timeout=timeout)
+
+    def new_run(self, command: str, *args) -> Path:
+        """Run a command that must succeed and return the one run directory it added under outputs/<command>/."""
+        before = set(run_dirs(self.cwd, command))
+        ok(self.run(command, *args))
+        (added,) = set(run_dirs(self.cwd, command)) - before
+        return added.resolve()
+
+
+@pytest.fixture(scope="session")
+def pipeline(trained_run, tmp_path_factory) -> Pipeline:
+    cwd = tmp_path_factory.mktemp("pipeline")
+    return Pipeline(cwd=cwd, train_run=copy_train_run(trained_run, cwd))
+
+
+@pytest.fixture(scope="session")
+def ptq_run(pipeline) -> tuple[Path, dict, dict]:
+    """`dlrun quantize mode=ptq backend=xnnpack` on the latest (only) train run: (run dir, source hashes before, after)."""
+    before = tree_hashes(pipeline.train_run)
+    run = pipeline.new_run("quantize", "mode=ptq", "backend=xnnpack", "quantizer.calib_batches=4", *CHEAP_QUANTIZE)
+    return run, before, tree_hashes(pipeline.train_run)
+
+
+@pytest.fixture(scope="session")
+def fp32_pte(pipeline) -> Path:
+    """The tiny fp32 model exported to an XNNPACK .pte (run dir)."""
+    return pipeline.new_run("export", "format=pte", "backend=xnnpack", f"run={pipeline.train_run}")
+
+
+@pytest.fixture(scope="session")
+def int8_pte(pipeline, ptq_run) -> Path:
+    """The ptq-xnnpack program exported to an XNNPACK .pte (run dir)."""
+    return pipeline.new_run("export", "format=pte", "backend=xnnpack", f"run={ptq_run[0]}")

@@ -228,9 +228,9 @@ main()
 
 
 def _write_metrics(path: Path, version: int) -> None:
-    from dlrun.commands.train import _write_metrics
+    from dlrun.rundir import write_metrics
 
-    _write_metrics(path.parent, [{"epoch": e, "train_loss": version / (e + 1)} for e in range(1, version + 2)])
+    write_metrics(path.parent, [{"epoch": e, "train_loss": version / (e + 1)} for e in range(1, version + 2)])
 
 
 WRITERS = {

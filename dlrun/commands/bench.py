@@ -29,12 +29,13 @@ from dlrun.errors import UsageError
 
 log = logging.getLogger("dlrun")
 FORMATS = ("eager", "compile", "quantized", "pte", "pt2", "onnx")
-# The standard set `export_missing=true` creates: (command, overrides), the export of the quantized run marked by `{quantized}`.
+# The standard set `export_missing=true` creates: (command, overrides, summary fields of an existing run that counts
+# as this one), the export of the quantized run marked by `{quantized}`.
 STANDARD_SET = [
-    ("quantize", ["mode=ptq", "backend=xnnpack"]),
-    ("export", ["format=pte", "backend=xnnpack", "run={quantized}"]),
-    ("export", ["format=pte", "backend=xnnpack"]),
-    ("export", ["format=onnx"]),
+    ("quantize", ["mode=ptq", "backend=xnnpack"], {"mode": "ptq", "backend": "xnnpack"}),
+    ("export", ["format=pte", "backend=xnnpack", "run={quantized}"], {"format": "pte", "backend": "xnnpack", "source_kind": "pt2e_int8"}),
+    ("export", ["format=pte", "backend=xnnpack"], {"format": "pte", "backend": "xnnpack", "source_kind": "fp32"}),
+    ("export", ["format=onnx"], {"format": "onnx", "backend": "onnxruntime", "source_kind": "fp32"}),
 ]
 
 
@@ -72,8 +73,9 @@ def run(cfg: DictConfig) -> None:
     rows, baseline = [], None
     for variant in variants:
         row = {"variant": variant.name, "format": variant.format, "run": variant.run, "status": "ok",
-               "size_mb": variant.path.stat().st_size / 1e6, "params": params, "flops": flops}
+               "size_mb": None, "params": params, "flops": flops}
         try:
+            row["size_mb"] = variant.path.stat().st_size / 1e6  # a deleted artifact is a failed row too
             row.update(_measure(variant, fp32, data, example, cfg))
         except Exception as exc:  # a broken variant is a row, never a crash
             row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
@@ -103,10 +105,7 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
         Variant("fp32 torch.compile", "compile", source.path, train_run.name, lambda: torch.compile(fp32)),
     ]
     for command in ("quantize", "export"):
-        for run_dir in rundir.completed_runs(command):
-            summary = json.loads((run_dir / rundir.SUMMARY).read_text())
-            if not summary.get("train_run") or Path(summary["train_run"]).resolve() != train_run.resolve():
-                continue
+        for run_dir, summary in _descendants(command, train_run):
             if command == "quantize":
                 name = f"{summary['mode']} {summary['backend']}"
                 program = run_dir / sources.QUANTIZED_PROGRAM
@@ -145,10 +144,34 @@ def _measure(variant: Variant, fp32, data, example, cfg) -> dict:
     return out
 
 
+def _descendants(command: str, train_run: Path) -> list[tuple[Path, dict]]:
+    """(run dir, summary) of every completed `command` run whose lineage leads to `train_run`, oldest first."""
+    found = []
+    for run_dir in rundir.completed_runs(command):
+        summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+        if summary.get("train_run") and Path(summary["train_run"]).resolve() == train_run.resolve():
+            found.append((run_dir, summary))
+    return found
+
+
 def _export_standard_set(train_run: Path) -> None:
-    """Run the standard quantize/export commands as their own runs (so each has its run dir and lineage)."""
+    """Run the standard quantize/export commands that have no run yet, each as its own run (own run dir and lineage)."""
     quantized = None
-    for command, overrides in STANDARD_SET:
+    for command, overrides, fields in STANDARD_SET:
+        needs_quantized = any("{quantized}" in o for o in overrides)
+        if needs_quantized and quantized is None:
+            log.warning(f"export_missing: no quantized run to {command} ({' '.join(overrides)}): skipped")
+            continue
+        source = quantized if needs_quantized else None
+        existing = [run_dir for run_dir, summary in _descendants(command, train_run)
+                    if all(summary.get(k) == v for k, v in fields.items())
+                    and (command != "export" or summary.get("verification", {}).get("passed"))
+                    and (source is None or Path(summary.get("source_run") or "").resolve() == source.resolve())]
+        if existing:
+            log.info(f"export_missing: {command} {' '.join(f'{k}={v}' for k, v in fields.items())} exists: {rundir.relative(existing[-1])}")
+            if command == "quantize":
+                quantized = existing[-1]
+            continue
         args = [o.replace("{quantized}", str(quantized)) for o in overrides]
         if not any(a.startswith("run=") for a in args):
             args.append(f"run={train_run}")

@@ -54,10 +54,12 @@ def run(cfg: DictConfig) -> None:
         else:
             program = exporting.export_program(module, example, dynamic_batch=e.dynamic_batch, max_batch=e.max_batch)
             result = exporting.to_pte(program, artifact, backend=e.backend) if e.format == "pte" else exporting.to_pt2(program, artifact)
+        runner = exporting.load_runner(artifact)
     except ValueError as exc:
         raise DlrunError(f"export failed: {str(exc).splitlines()[0]}") from None
+    except ImportError as exc:  # an optional runtime (onnx, onnxruntime) is missing: the message says what to install
+        raise DlrunError(str(exc)) from None
 
-    runner = exporting.load_runner(artifact)
     x, y = _test_samples(data, e.verify_samples)
     batch_sizes = (1, min(32, e.max_batch)) if e.dynamic_batch else (1,)
     parity = exporting.check_parity(module, runner, x, y, batch_sizes=batch_sizes, classification=data.task == "classification")

@@ -37,6 +37,8 @@ def run(cfg: DictConfig) -> None:
         quantization.check_supported(q.mode, q.backend)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if q.mode == "ptq" and q.calib_batches < 1:  # before loading anything
+        raise UsageError("quantizer.calib_batches must be >= 1 for ptq (calibration sets the activation ranges)")
     source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train",))
     if source.kind != "checkpoint":
         raise UsageError(f"quantize needs a train run or checkpoint, got a {source.kind} ({source.label})")
@@ -50,8 +52,6 @@ def run(cfg: DictConfig) -> None:
 
     qat_rows: list[dict] = []
     if q.mode == "ptq":
-        if q.calib_batches < 1:
-            raise UsageError("quantizer.calib_batches must be >= 1 for ptq (calibration sets the activation ranges)")
         quantized = _convert(lambda: quantization.quantize_ptq(
             fp32, example, _calibration(data, q), backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
     elif q.mode == "dynamic":
@@ -132,6 +132,7 @@ def _quantization_aware_training(cfg, source, fp32, data, example):
         rows.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val["loss"], f"val_{metric}": val[metric],
                      "lr": optimizer.param_groups[0]["lr"], "seconds": stats.seconds})
         log.info(f"qat epoch {epoch}/{q.epochs}  train_loss {stats.loss:.4f}  val_{metric} {val[metric]:.4f}  {stats.seconds:.2f}s")
+        rundir.write_metrics(rundir.current(), rows)  # metrics.csv/.jsonl, one row per epoch as in train
     return quantization.convert_qat(prepared), rows
 
 
@@ -150,13 +151,16 @@ def _compare(fp32, quantized, program: Path, data, example, cfg) -> dict:
             metrics["weights_bytes"] = profiling.tensor_bytes(model)
             metrics["latency_ms_p50"] = profiling.latency_ms(fn, example, repeats=cfg.latency_repeats)["p50"]
             metrics[f"throughput_b{cfg.throughput_batch}"] = profiling.throughput(fn, example, batch=cfg.throughput_batch)
-    metric = "accuracy" if data.task == "classification" else "mse"
+    # Signed so that a positive number is quality lost: accuracy down, or (regression) error up.
+    quality = ({"accuracy_drop": fp32_metrics["accuracy"] - int8_metrics["accuracy"]} if data.task == "classification"
+               else {"mse_increase": int8_metrics["mse"] - fp32_metrics["mse"]})
     comparison = {
         "runtime": runtime,
-        f"{metric}_drop": fp32_metrics[metric] - int8_metrics[metric],
+        **quality,
         "size_ratio": int8_metrics["weights_bytes"] / fp32_metrics["weights_bytes"],
         "program_size_ratio": int8_metrics["program_bytes"] / fp32_metrics["program_bytes"],
         "latency_speedup": fp32_metrics["latency_ms_p50"] / int8_metrics["latency_ms_p50"],
+        "throughput_speedup": int8_metrics[f"throughput_b{cfg.throughput_batch}"] / fp32_metrics[f"throughput_b{cfg.throughput_batch}"],
     }
     if "top1_agreement" in int8_metrics:
         comparison["top1_agreement"] = int8_metrics["top1_agreement"]

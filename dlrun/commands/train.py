@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -123,7 +121,7 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
                 state.update(best=val[metric], best_epoch=epoch, stale_epochs=0)
             else:
                 state["stale_epochs"] += 1
-            _write_metrics(run_dir, rows)
+            rundir.write_metrics(run_dir, rows)
             snap = snapshot(epoch)
             if improved:
                 ckpt.save(checkpoints / "best.pt", snap)
@@ -172,13 +170,3 @@ def _restore(path: Path, device, model, optimizer, scheduler, state: dict, confi
         rows = [r for r in rows if r["epoch"] <= done]
     log.info(f"resuming {run_dir} after epoch {done}")
     return done + 1, rows
-
-
-def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
-    """metrics.csv and metrics.jsonl, rewritten atomically each epoch (a crash never leaves half a row)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    rundir.atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
-    rundir.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

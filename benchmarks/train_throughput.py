@@ -66,6 +66,8 @@ def main() -> None:
         return epochs * len(x)
 
     variants = {"a: dlrun engine": dlrun_engine, "b: notes' DataLoader loop": notes_loop, "c: tuned hand loop": hand_loop}
+    for fn in variants.values():  # untimed warm-up: oneDNN primitives and allocator caches are built once per process
+        fn()
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():

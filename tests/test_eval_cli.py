@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -77,7 +76,7 @@ def bad_files(tmp_path, trained_run):
     }
     torch.save({"model": {}, "config": {}, "payload": Marker(marker)}, files["malicious"])
     files["truncated"].write_bytes(real[: len(real) // 2])
-    files["garbage"].write_bytes(os.urandom(2048))
+    files["garbage"].write_bytes(bytes(range(7, 256)) * 8)  # fixed bytes: random ones can look like a zip header
     files["text"].write_text("these are not weights\n")
     torch.save(torch.zeros(3), files["tensor"])
     torch.save({"model": {}}, files["no_config"])

@@ -117,6 +117,8 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
             else:
                 artifact = run_dir / Path(summary["artifact"]).name
                 what = "fp32" if summary.get("source_kind") == "fp32" else summary.get("source_kind", "?")
+                if not summary.get("verification", {}).get("passed", True):
+                    what += " (failed its export verification)"
                 config = summary["config"]["export"]
                 variants.append(Variant(
                     f"{what} .{summary['format']} {summary['backend']}", summary["format"], artifact, run_dir.name,

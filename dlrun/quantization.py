@@ -200,14 +200,8 @@ def quantize_ptq(
     first = next(batches, None)
     if first is None:  # checked before the export: without calibration every activation scale is undefined
         raise ValueError("ptq needs at least one calibration batch; the calibration data was empty")
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-
     quantizer = make_quantizer(backend, per_channel=per_channel, exclude=exclude)
-    prepared = prepare_pt2e(_pt2e_export(model, example, backend, training=False), quantizer)
-    with torch.no_grad():
-        for batch in (first, *batches):
-            prepared(batch)
-    return _convert(prepared)
+    return _prepare_observe_convert(model, example, backend, quantizer, (first, *batches))
 
 
 def quantize_dynamic(
@@ -221,14 +215,20 @@ def quantize_dynamic(
     """Dynamic quantization: int8 weights; activation scales are computed per call, so no calibration data."""
     check_supported("dynamic", backend)
     _check_module_names(model, exclude)
+    quantizer = make_quantizer(backend, per_channel=per_channel, is_dynamic=True, exclude=exclude)
+    # The weight observers only record ranges when run; without one pass convert produces empty
+    # per-channel scales and XNNPACK lowering fails with "Invalid size of per channel quantization scales".
+    return _prepare_observe_convert(model, example, backend, quantizer, [example])
+
+
+def _prepare_observe_convert(model, example, backend: str, quantizer, batches) -> torch.fx.GraphModule:
+    """PT2E post-training flow: export, insert observers, run `batches` through them, convert."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    quantizer = make_quantizer(backend, per_channel=per_channel, is_dynamic=True, exclude=exclude)
     prepared = prepare_pt2e(_pt2e_export(model, example, backend, training=False), quantizer)
     with torch.no_grad():
-        # The weight observers only record ranges when run; without one pass convert produces empty
-        # per-channel scales and XNNPACK lowering fails with "Invalid size of per channel quantization scales".
-        prepared(example)
+        for batch in batches:
+            prepared(batch)
     return _convert(prepared)
 
 

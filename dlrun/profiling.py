@@ -47,10 +47,13 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 50) 
 
 
 @torch.no_grad()
-def latency_ms(predict: Callable[[torch.Tensor], object], example: torch.Tensor, *, repeats: int = 50) -> dict[str, float]:
+def latency_ms(
+    predict: Callable[[torch.Tensor], object], example: torch.Tensor, *, repeats: int = 50, warmup: int | None = None
+) -> dict[str, float]:
     """Batch-1 latency: median and 90th percentile in ms."""
     x = example[:1].contiguous()
-    times = sorted(time_calls(lambda: predict(x), warmup=max(3, repeats // 10), repeats=repeats))
+    warmup = max(3, repeats // 10) if warmup is None else warmup
+    times = sorted(time_calls(lambda: predict(x), warmup=warmup, repeats=repeats))
     return {"p50": statistics.median(times), "p90": times[min(len(times) - 1, int(0.9 * len(times)))]}
 
 

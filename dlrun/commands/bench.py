@@ -132,14 +132,13 @@ def _measure(variant: Variant, fp32, data, example, cfg) -> dict:
     predict = variant.load()
     eval_batch = min(cfg.throughput_batch, variant.max_batch or cfg.throughput_batch)
     metrics = engine.evaluate(predict, data.test, data, batch_size=eval_batch, reference=fp32)
-    x1 = example[:1]
-    times = sorted(profiling.time_calls(lambda: predict(x1), warmup=cfg.warmup, repeats=cfg.latency_repeats))
+    latency = profiling.latency_ms(predict, example, repeats=cfg.latency_repeats, warmup=cfg.warmup)
     out = {
         "metric": metrics.get("accuracy", metrics.get("mse")),
         "top1_agreement": metrics.get("top1_agreement"),
         "max_abs_diff": metrics["max_abs_diff"],
-        "latency_ms_p50": times[len(times) // 2],
-        "latency_ms_p90": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "latency_ms_p50": latency["p50"],
+        "latency_ms_p90": latency["p90"],
     }
     if variant.max_batch is None or variant.max_batch >= cfg.throughput_batch:
         out["throughput_sps"] = profiling.throughput(predict, example, batch=cfg.throughput_batch, repeats=cfg.throughput_repeats)

@@ -93,8 +93,14 @@ def _dispatch(command: str, overrides: list[str], multirun: bool, cfg_mode: Opti
         if multirun and cfg_mode:
             raise UsageError("--cfg prints one job's config: drop --multirun (-m), or pick one value per sweep")
         overrides = config.expand_aliases(command, overrides)
-        overrides = _with_resumed_overrides(command, overrides)
-        composed = config.validate(command, overrides)
+        typed_targets = config.targets_in_overrides(overrides)
+        resumed = _with_resumed_overrides(command, overrides)
+        composed = config.validate(command, resumed)
+        # A resumed run replays overrides read from its directory: only dlrun's builders and the targets the user
+        # typed now (or trusts) may be instantiated, checked before anything is built or written.
+        where = "the resumed run's .hydra/overrides.yaml" if resumed is not overrides else "the command line"
+        config.check_targets(config.plain(composed), where, [*typed_targets, *composed.get("trust_targets", [])], stored=False)
+        overrides = resumed
         if not multirun:
             config.check_no_sweep(overrides)
         if not cfg_mode:
@@ -155,7 +161,10 @@ def _with_resumed_overrides(command: str, overrides: list[str]) -> list[str]:
     check_unlocked(run_dir)  # before Hydra rewrites .hydra/ of a run another process is still writing
     from omegaconf import OmegaConf
 
-    previous = [o for o in OmegaConf.to_container(OmegaConf.load(saved)) if not o.startswith(("hydra.", "resume="))]
+    replayed = OmegaConf.to_container(OmegaConf.load(saved))
+    if not isinstance(replayed, list) or not all(isinstance(o, str) for o in replayed):
+        raise UsageError(f"cannot resume {run_dir}: {saved} is not a list of overrides")
+    previous = [o for o in replayed if not o.lstrip("+~").startswith(("hydra.", "hydra/", "resume="))]
     return [*previous, *[o for o in overrides if not o.startswith("hydra.run.dir=")], f"hydra.run.dir={config.quote(str(run_dir))}"]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlrun import rundir
+from dlrun.config import check_stored_config
 from dlrun.errors import DlrunError, UsageError
 
 QUANTIZED_PROGRAM = "model.pt2"  # what a quantize run leaves behind (torch.export.save)
@@ -32,42 +33,47 @@ class Source:
 
 
 def resolve(*, run: str | None = None, ckpt: str | None = None, artifact: str | None = None,
-            default: tuple[str, ...] = ("train",)) -> Source:
-    """Resolve the user's run=/ckpt=/artifact= (at most one) or the latest completed run of `default`."""
+            default: tuple[str, ...] = ("train",), trusted=()) -> Source:
+    """Resolve the user's run=/ckpt=/artifact= (at most one) or the latest completed run of `default`.
+
+    The stored config is checked (config.check_stored_config) before anything is built from it: only
+    dlrun's own builders and the `trusted` targets may be instantiated.
+    """
     given = [(k, v) for k, v in (("run", run), ("ckpt", ckpt), ("artifact", artifact)) if v]
     if len(given) > 1:
         raise UsageError(f"give only one of run=, ckpt=, artifact= (got {', '.join(k for k, _ in given)})")
     if ckpt:
-        return _from_checkpoint(Path(ckpt))
+        return _from_checkpoint(Path(ckpt), trusted=trusted)
     if artifact:
-        return _from_artifact(Path(artifact))
+        return _from_artifact(Path(artifact), trusted)
     run_dir = rundir.run_dir_arg(run) if run else rundir.latest_run(*default)
-    return from_run_dir(run_dir)
+    return from_run_dir(run_dir, trusted)
 
 
-def from_run_dir(run_dir: Path) -> Source:
+def from_run_dir(run_dir: Path, trusted=()) -> Source:
     if (run_dir / "checkpoints" / "best.pt").is_file():
-        return _from_checkpoint(run_dir / "checkpoints" / "best.pt", run_dir)
+        return _from_checkpoint(run_dir / "checkpoints" / "best.pt", run_dir, trusted)
     summary_path = run_dir / rundir.SUMMARY
     if (run_dir / QUANTIZED_PROGRAM).is_file() and summary_path.is_file():
         summary = rundir.read_json(summary_path)
-        return Source("quantized", run_dir / QUANTIZED_PROGRAM, _source_config(summary, summary_path), run_dir,
+        return Source("quantized", run_dir / QUANTIZED_PROGRAM, _source_config(summary, summary_path, trusted), run_dir,
                       _train_run(summary, summary_path))
     artifacts = [p for p in sorted(run_dir.iterdir()) if p.suffix in ARTIFACT_SUFFIXES] if run_dir.is_dir() else []
     if artifacts and summary_path.is_file():
-        return _from_artifact(artifacts[0])
+        return _from_artifact(artifacts[0], trusted)
     raise UsageError(f"{run_dir} holds no checkpoints/best.pt, {QUANTIZED_PROGRAM} or exported artifact with a summary.json")
 
 
-def _from_checkpoint(path: Path, run_dir: Path | None = None) -> Source:
+def _from_checkpoint(path: Path, run_dir: Path | None = None, trusted=()) -> Source:
     from dlrun import checkpoint
 
     saved = checkpoint.load(path)
+    config = check_stored_config(saved[checkpoint.CONFIG], str(path), trusted)
     run_dir = run_dir or (path.parent.parent if path.parent.name == "checkpoints" else None)
-    return Source("checkpoint", path, saved[checkpoint.CONFIG], run_dir, run_dir)
+    return Source("checkpoint", path, config, run_dir, run_dir)
 
 
-def _from_artifact(path: Path) -> Source:
+def _from_artifact(path: Path, trusted=()) -> Source:
     if path.suffix not in ARTIFACT_SUFFIXES:
         raise UsageError(f"artifact {path} must be one of {', '.join(ARTIFACT_SUFFIXES)}")
     if not path.is_file():
@@ -78,14 +84,15 @@ def _from_artifact(path: Path) -> Source:
     summary = rundir.read_json(summary_path)
     export = summary.get("config", {}).get("export", {})
     max_batch = export.get("max_batch") if export.get("dynamic_batch", True) else 1
-    return Source("artifact", path, _source_config(summary, summary_path), path.parent, _train_run(summary, summary_path), max_batch)
+    return Source("artifact", path, _source_config(summary, summary_path, trusted), path.parent,
+                  _train_run(summary, summary_path), max_batch)
 
 
-def _source_config(summary: dict, where: Path) -> dict:
+def _source_config(summary: dict, where: Path, trusted=()) -> dict:
     config = summary.get("source_config")
     if not isinstance(config, dict) or "dataset" not in config or "model" not in config:
         raise UsageError(f"{where} has no source_config (dataset and model of the trained model)")
-    return config
+    return check_stored_config(config, f"{where} (source_config)", trusted)
 
 
 def _train_run(summary: dict, where: Path) -> Path | None:

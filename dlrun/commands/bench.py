@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> None:
     if unknown:
         raise UsageError(f"unknown bench format(s) {', '.join(unknown)}; available: {', '.join(FORMATS)}")
     train_run = rundir.run_dir_arg(cfg.run) if cfg.run else rundir.latest_run("train")
-    source = sources.from_run_dir(train_run)
+    source = sources.from_run_dir(train_run, cfg.trust_targets)
     if source.kind != "checkpoint":
         raise UsageError(f"bench needs a train run, {train_run} is a {source.kind} run")
     if cfg.export_missing:

@@ -19,7 +19,8 @@ log = logging.getLogger("dlrun")
 
 def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
-    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, artifact=cfg.artifact, default=("train",))
+    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, artifact=cfg.artifact, default=("train",),
+                             trusted=cfg.trust_targets)
     # Quantized programs and runtime artifacts run on the CPU they were made for.
     device = engine.resolve_device(cfg.device) if source.kind == "checkpoint" else engine.resolve_device("cpu")
     data = sources.load_data(source, device)

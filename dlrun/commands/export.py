@@ -32,7 +32,7 @@ MAX_RELATIVE_DIFF = {"fp32": 1e-3, "int8": 0.1}
 def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
     e = cfg.export
-    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train", "quantize"))
+    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train", "quantize"), trusted=cfg.trust_targets)
     if source.kind == "artifact":
         raise UsageError(f"{source.label} is already an exported artifact; export from a train or quantize run")
     kind = source_kind(source)

@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> None:
         raise UsageError(str(exc)) from None
     if q.mode == "ptq" and q.calib_batches < 1:  # before loading anything
         raise UsageError("quantizer.calib_batches must be >= 1 for ptq (calibration sets the activation ranges)")
-    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train",))
+    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train",), trusted=cfg.trust_targets)
     if source.kind != "checkpoint":
         raise UsageError(f"quantize needs a train run or checkpoint, got a {source.kind} ({source.label})")
     run_dir = rundir.current()

@@ -24,8 +24,9 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun import engine, profiling, rundir, sources, ui
-from dlrun.errors import UsageError
+from dlrun.core import contract, files, profiling, rundir, sources, ui
+from dlrun.core.errors import UsageError
+from dlrun.training import evaluate
 
 log = logging.getLogger("dlrun")
 FORMATS = ("eager", "compile", "quantized", "pte", "pt2", "onnx")
@@ -87,7 +88,7 @@ def run(cfg: DictConfig) -> None:
 
     run_dir = rundir.current()
     _write_reports(run_dir, rows, data.task)
-    rundir.write_summary(
+    contract.write_summary(
         run_dir, "bench", OmegaConf.to_container(cfg, resolve=True), rows=rows, threads=torch.get_num_threads(),
         train_run=rundir.relative(train_run), source_config=source.config, wall_s=time.perf_counter() - started,
     )
@@ -98,7 +99,8 @@ def run(cfg: DictConfig) -> None:
 
 def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
     """Eager fp32, compiled fp32, then every quantize/export run whose lineage leads to `train_run`."""
-    from dlrun import exporting, quantization
+    from dlrun import exporting
+    from dlrun.compression import quantization
 
     variants = [
         Variant("fp32 eager", "eager", source.path, train_run.name, lambda: fp32),
@@ -131,7 +133,7 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
 def _measure(variant: Variant, fp32, data, example, cfg) -> dict:
     predict = variant.load()
     eval_batch = min(cfg.throughput_batch, variant.max_batch or cfg.throughput_batch)
-    metrics = engine.evaluate(predict, data.test, data, batch_size=eval_batch, reference=fp32)
+    metrics = evaluate.evaluate(predict, data.test, data, batch_size=eval_batch, reference=fp32)
     latency = profiling.latency_ms(predict, example, repeats=cfg.latency_repeats, warmup=cfg.warmup)
     out = {
         "metric": metrics.get("accuracy", metrics.get("mse")),
@@ -193,11 +195,11 @@ def _write_reports(run_dir: Path, rows: list[dict], task: str) -> None:
     writer = csv.DictWriter(buffer, fieldnames=headers)
     writer.writeheader()
     writer.writerows(rows)
-    rundir.atomic_write_text(run_dir / "bench.csv", buffer.getvalue())
-    rundir.write_json(run_dir / "bench.json", rows)
+    files.atomic_write_text(run_dir / "bench.csv", buffer.getvalue())
+    files.write_json(run_dir / "bench.json", rows)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(ui.fmt(row.get(h, "")) if row.get(h) is not None else "" for h in headers) + " |" for row in rows]
-    rundir.atomic_write_text(run_dir / "bench.md", "\n".join(lines) + "\n")
+    files.atomic_write_text(run_dir / "bench.md", "\n".join(lines) + "\n")
     _plot(run_dir / "bench.png", rows, "test accuracy" if task == "classification" else "test MSE")
 
 
@@ -221,4 +223,4 @@ def _plot(path: Path, rows: list[dict], metric_label: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    rundir.atomic_write_bytes(path, buffer.getvalue())
+    files.atomic_write_bytes(path, buffer.getvalue())

@@ -12,7 +12,8 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun import engine, profiling, rundir, sources, ui
+from dlrun.core import contract, profiling, rundir, sources, ui
+from dlrun.training import env, evaluate
 
 log = logging.getLogger("dlrun")
 
@@ -22,13 +23,13 @@ def run(cfg: DictConfig) -> None:
     source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, artifact=cfg.artifact, default=("train",),
                              trusted=cfg.trust_targets)
     # Quantized programs and runtime artifacts run on the CPU they were made for.
-    device = engine.resolve_device(cfg.device) if source.kind == "checkpoint" else engine.resolve_device("cpu")
+    device = env.resolve_device(cfg.device) if source.kind == "checkpoint" else env.resolve_device("cpu")
     data = sources.load_data(source, device)
     predict = sources.load_predictor(source, device)
     log.info(f"eval {source.kind} {source.label} on {len(data.test)} test samples ({device})")
 
     batch_size = min(cfg.batch_size, source.max_batch or cfg.batch_size)
-    test = engine.evaluate(predict, data.test, data, batch_size=batch_size, confusion=True)
+    test = evaluate.evaluate(predict, data.test, data, batch_size=batch_size, confusion=True)
     example = data.example()
     fields = {
         "size_bytes": source.path.stat().st_size,
@@ -38,7 +39,7 @@ def run(cfg: DictConfig) -> None:
         fields["params"] = profiling.count_params(predict)
         fields["flops"] = profiling.count_flops(predict, example)
     run_dir = rundir.current()
-    rundir.write_summary(
+    contract.write_summary(
         run_dir, "eval", OmegaConf.to_container(cfg, resolve=True),
         metrics={"test": test}, kind=source.kind, evaluated=source.label,
         source_run=rundir.relative(source.run_dir) if source.run_dir else None,

@@ -24,8 +24,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun import engine, profiling, quantization, rundir, sources, ui
-from dlrun.errors import UsageError
+from dlrun.compression import quantization
+from dlrun.core import contract, files, profiling, rundir, sources, ui
+from dlrun.core.errors import UsageError
+from dlrun.training import env, evaluate, loop
 
 log = logging.getLogger("dlrun")
 
@@ -68,7 +70,7 @@ def run(cfg: DictConfig) -> None:
     quantized = quantization.load_program(program)  # measure exactly what later commands will load
 
     report = _compare(fp32, quantized, program, data, example, cfg)
-    rundir.write_summary(
+    contract.write_summary(
         run_dir, "quantize", OmegaConf.to_container(cfg, resolve=True),
         metrics={"test": report["quantized"], "fp32": report["fp32"]},
         comparison=report["comparison"], mode=q.mode, backend=q.backend, dtype=q.get("dtype"),
@@ -115,32 +117,32 @@ def _quantization_aware_training(cfg, source, fp32, data, example):
     sched_cfg = cfg.scheduler if cfg.get("scheduler") is not None else train_cfg.scheduler
     batch_size = q.batch_size or train_cfg.trainer.batch_size
     seed = train_cfg.trainer.seed
-    engine.seed_everything(seed, False)
+    env.seed_everything(seed, False)
     prepared = _convert(lambda: quantization.prepare_qat(  # on a copy: the exported graph shares fp32's parameters
         copy.deepcopy(fp32), example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
     optimizer = instantiate(opt_cfg, lr=opt_cfg.lr * q.lr_scale)(prepared.parameters())
     steps = math.ceil(len(data.train) / batch_size)
     scheduler = instantiate(sched_cfg)(optimizer, total_steps=steps * q.epochs, steps_per_epoch=steps)
-    loss_fn = engine.loss_function(data.task)
-    metric, _ = engine.monitor(data.task)
+    loss_fn = evaluate.loss_function(data.task)
+    metric, _ = evaluate.monitor(data.task)
     rows = []
     for epoch in range(1, q.epochs + 1):
         quantization.set_qat_phase(prepared, observers=epoch <= q.disable_observers_after, bn_stats=epoch <= q.freeze_bn_after)
-        stats = engine.train_epoch(prepared, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=batch_size, seed=seed)
+        stats = loop.train_epoch(prepared, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=batch_size, seed=seed)
         prepared.eval()
-        val = engine.evaluate(prepared, data.val, data)
+        val = evaluate.evaluate(prepared, data.val, data)
         rows.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val["loss"], f"val_{metric}": val[metric],
                      "lr": optimizer.param_groups[0]["lr"], "seconds": stats.seconds})
         log.info(f"qat epoch {epoch}/{q.epochs}  train_loss {stats.loss:.4f}  val_{metric} {val[metric]:.4f}  {stats.seconds:.2f}s")
-        rundir.write_metrics(rundir.current(), rows)  # metrics.csv/.jsonl, one row per epoch as in train
+        files.write_rows(rundir.current(), "metrics", rows)  # metrics.csv/.jsonl, one row per epoch as in train
     return quantization.convert_qat(prepared), rows
 
 
 def _compare(fp32, quantized, program: Path, data, example, cfg) -> dict:
     """fp32 vs quantized on the same test split, then size, batch-1 latency and batch-N throughput
     measured where each backend is meant to run (a PT2E program run eagerly is a slow reference)."""
-    fp32_metrics = engine.evaluate(fp32, data.test, data)
-    int8_metrics = engine.evaluate(quantized, data.test, data, reference=fp32)
+    fp32_metrics = evaluate.evaluate(fp32, data.test, data)
+    int8_metrics = evaluate.evaluate(quantized, data.test, data, reference=fp32)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_program = Path(tmp) / "fp32.pt2"  # fp32 serialized the same way, for a like-for-like file size
         quantization.save_program(fp32, example, fp32_program)

@@ -18,10 +18,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun import checkpoint as ckpt
 from dlrun import data as datasets
-from dlrun import engine, models, profiling, rundir, ui
-from dlrun.errors import DlrunError
+from dlrun import models
+from dlrun.core import checkpoint as ckpt
+from dlrun.core import contract, files, locks, profiling, provenance, rundir, ui
+from dlrun.core.errors import DlrunError
+from dlrun.training import env, evaluate, loop
 
 log = logging.getLogger("dlrun")
 INTERRUPTED = 130  # the shell's code for Ctrl-C
@@ -30,7 +32,7 @@ INTERRUPTED = 130  # the shell's code for Ctrl-C
 def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
     run_dir = rundir.current()
-    lock = rundir.acquire_lock(run_dir)
+    lock = locks.acquire_lock(run_dir)
     previous_handler = signal.signal(signal.SIGINT, _on_interrupt(lock))
     try:
         _train(cfg, run_dir, started)
@@ -43,7 +45,7 @@ def run(cfg: DictConfig) -> None:
     else:
         signal.signal(signal.SIGINT, previous_handler)
     finally:
-        rundir.release_lock(lock)
+        locks.release_lock(lock)
 
 
 def _on_interrupt(lock: Path):
@@ -57,7 +59,7 @@ def _on_interrupt(lock: Path):
     def handler(signum, frame):
         nonlocal interrupted
         if interrupted:
-            rundir.release_lock(lock)
+            locks.release_lock(lock)
             os.write(2, b"interrupted again: exiting now\n")
             os._exit(INTERRUPTED)
         interrupted = True
@@ -68,8 +70,8 @@ def _on_interrupt(lock: Path):
 
 def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
     t = cfg.trainer
-    device = engine.resolve_device(t.device)
-    engine.seed_everything(t.seed, t.deterministic)
+    device = env.resolve_device(t.device)
+    env.seed_everything(t.seed, t.deterministic)
     data = datasets.build(cfg.dataset, device)
     if cfg.dataset.num_outputs is None:  # image_folder: as many outputs as class folders
         cfg.dataset.num_outputs = data.num_outputs
@@ -77,8 +79,8 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps_per_epoch * t.epochs, steps_per_epoch=steps_per_epoch)
-    loss_fn = engine.loss_function(data.task, t.label_smoothing if data.task == "classification" else 0.0)
-    metric, mode = engine.monitor(data.task)
+    loss_fn = evaluate.loss_function(data.task, t.label_smoothing if data.task == "classification" else 0.0)
+    metric, mode = evaluate.monitor(data.task)
     headline = "accuracy" if data.task == "classification" else "r2"  # orders epochs as val loss does for regression
     config = OmegaConf.to_container(cfg, resolve=True)
 
@@ -88,14 +90,14 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
     rows: list[dict] = []
     first_epoch = 1
     if cfg.resume:
-        rundir.remove_stale_temps(run_dir, checkpoints)  # left by a process killed mid-write (we hold the lock)
+        locks.remove_stale_temps(run_dir, checkpoints)  # left by a process killed mid-write (we hold the lock)
         first_epoch, rows = _restore(checkpoints / "last.pt", device, model, optimizer, scheduler, state, config, run_dir)
 
     def snapshot(epoch: int) -> dict:
         return {
             ckpt.MODEL: model.state_dict(), ckpt.OPTIMIZER: optimizer.state_dict(), ckpt.SCHEDULER: scheduler.state_dict(),
-            ckpt.EPOCH: epoch, ckpt.RNG: engine.rng_state(), ckpt.TRAINER_STATE: dict(state), ckpt.CONFIG: config,
-            ckpt.VERSIONS: rundir.versions(), ckpt.GIT_COMMIT: rundir.git_commit(),
+            ckpt.EPOCH: epoch, ckpt.RNG: env.rng_state(), ckpt.TRAINER_STATE: dict(state), ckpt.CONFIG: config,
+            ckpt.VERSIONS: provenance.versions(), ckpt.GIT_COMMIT: provenance.git_commit(),
         }
 
     if first_epoch == 1:  # so Ctrl-C in the first epoch still leaves something to resume from
@@ -107,21 +109,21 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
 
     with ui.progress(steps_per_epoch * (t.epochs - first_epoch + 1), "training") as advance:
         for epoch in range(first_epoch, t.epochs + 1):
-            stats = engine.train_epoch(
+            stats = loop.train_epoch(
                 network, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=t.batch_size, seed=t.seed,
                 precision=t.precision, grad_clip=t.grad_clip, nan_policy=t.nan_policy, on_step=advance,
             )
             model.eval()
-            val = engine.evaluate(model, data.val, data, batch_size=t.eval_batch_size)
+            val = evaluate.evaluate(model, data.val, data, batch_size=t.eval_batch_size)
             row = {"epoch": epoch, "train_loss": stats.loss, **{f"val_{k}": v for k, v in val.items() if k != "samples"},
                    "lr": optimizer.param_groups[0]["lr"], "seconds": stats.seconds, "samples_per_s": stats.samples_per_s}
             rows.append(row)
-            improved = engine.is_better(val[metric], state["best"], mode)
+            improved = evaluate.is_better(val[metric], state["best"], mode)
             if improved:
                 state.update(best=val[metric], best_epoch=epoch, stale_epochs=0)
             else:
                 state["stale_epochs"] += 1
-            rundir.write_metrics(run_dir, rows)
+            files.write_rows(run_dir, "metrics", rows)
             snap = snapshot(epoch)
             if improved:
                 ckpt.save(checkpoints / "best.pt", snap)
@@ -137,10 +139,10 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
     best = ckpt.load(checkpoints / "best.pt", device)
     model.load_state_dict(best[ckpt.MODEL])
     model.eval()
-    test = engine.evaluate(model, data.test, data, batch_size=t.eval_batch_size, confusion=True)
+    test = evaluate.evaluate(model, data.test, data, batch_size=t.eval_batch_size, confusion=True)
     val_best = {k.removeprefix("val_"): v for k, v in rows[state["best_epoch"] - 1].items() if k.startswith("val_")}
     flops = profiling.count_flops(model, data.example().cpu().to(device))
-    rundir.write_summary(
+    contract.write_summary(
         run_dir, "train", config,
         metrics={"val": val_best, "test": test}, best_epoch=state["best_epoch"], epochs_run=rows[-1]["epoch"],
         params=params, flops=flops, train_seconds=sum(r["seconds"] for r in rows), wall_s=time.perf_counter() - started,
@@ -158,7 +160,7 @@ def _restore(path: Path, device, model, optimizer, scheduler, state: dict, confi
         scheduler.load_state_dict(saved[ckpt.SCHEDULER])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise DlrunError(f"{path} does not match this run's model/optimizer config: {str(exc).splitlines()[0]}") from None
-    engine.set_rng_state(saved[ckpt.RNG])
+    env.set_rng_state(saved[ckpt.RNG])
     state.update(saved[ckpt.TRAINER_STATE])
     for key in ("trainer.seed", "trainer.batch_size", "optimizer", "scheduler", "dataset"):
         if OmegaConf.select(OmegaConf.create(saved[ckpt.CONFIG]), key) != OmegaConf.select(OmegaConf.create(config), key):

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlrun.capabilities import BACKENDS, CAPABILITIES, MODES, capability_rows, check_supported  # noqa: F401  (re-exported)
+from dlrun.capabilities import (  # noqa: F401  (re-exported)
+    BACKENDS,
+    CAPABILITIES,
+    MODES,
+    capability_rows,
+    check_supported,
+)
 
 WEIGHT_ONLY_DTYPES = ("int8", "int4", "int8_dynamic")
 _BN_FROZEN = "dlrun_bn_frozen"  # key in a QAT graph's .meta: keep BN statistics frozen across .train()
@@ -263,7 +269,10 @@ def prepare_qat(
 def _route_train_eval(prepared: torch.fx.GraphModule) -> None:
     """Exported graphs raise on .train()/.eval(); send them to torchao's graph rewrites instead, and
     re-apply a BN freeze from `set_qat_phase`, which torchao's train rewrite would undo."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e import (
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
 
     def train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
         if mode:
@@ -374,7 +383,7 @@ def save_program(
     Written atomically (temp file + rename), so `path` never holds half a program.
     """
     from dlrun.exporting import strip_source_locations
-    from dlrun.rundir import atomic_write_bytes
+    from dlrun.core.files import atomic_write_bytes
 
     program = strip_source_locations(_export_program(gm_or_module, example, strict=False, max_batch=max_batch))
     buffer = io.BytesIO()

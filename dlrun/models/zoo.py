@@ -1,7 +1,7 @@
-"""The model zoo: the notes' networks plus torchvision's ResNet-18 and MobileNetV2 adapted to small inputs.
+"""The notes' networks: linear/logistic regression, MLP, LeNet, a small GoogLeNet (Inception) and a CIFAR-style ResNet.
 
-Every constructor takes `input_shape` and `num_outputs` from the dataset config, so any model runs
-on any dataset whose input it can take; `build` proves that with a forward pass before training.
+Every constructor takes `input_shape` and `num_outputs` from the dataset config, so any model runs on any
+dataset whose input it can take.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dlrun.errors import DlrunError, UsageError
-
-SMALL_IMAGE = 96  # below this size torchvision's ImageNet stems would downsample the image away
+from dlrun.core.errors import UsageError
 
 
-def _image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
+def image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
         raise UsageError(
             f"model {name} needs image input (channels, height, width) but the dataset gives shape {list(input_shape)}; "
@@ -53,7 +51,7 @@ class LeNet(nn.Module):
 
     def __init__(self, input_shape, num_outputs, channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.2):
         super().__init__()
-        c, h, w = _image_shape("lenet", input_shape)
+        c, h, w = image_shape("lenet", input_shape)
         if h < 4 or w < 4:
             raise UsageError(f"model lenet needs images of at least 4x4 pixels, the dataset gives {h}x{w}")
         self.features = nn.Sequential(
@@ -89,7 +87,7 @@ class GoogLeNet(nn.Module):
 
     def __init__(self, input_shape, num_outputs, width: int = 16):
         super().__init__()
-        c, _, _ = _image_shape("googlenet", input_shape)
+        c, _, _ = image_shape("googlenet", input_shape)
         u = width
         blocks = [Inception(2 * u, u, (u, 2 * u), (u // 4, u // 2), u // 2)]
         blocks.append(Inception(blocks[-1].out_channels, 2 * u, (2 * u, 3 * u), (u // 2, u), u))
@@ -132,7 +130,7 @@ class ResNet(nn.Module):
 
     def __init__(self, input_shape, num_outputs, widths: Sequence[int] = (16, 32, 64), blocks_per_stage: int = 1):
         super().__init__()
-        c, _, _ = _image_shape("resnet", input_shape)
+        c, _, _ = image_shape("resnet", input_shape)
         layers: list[nn.Module] = [conv_bn_relu(c, widths[0])]
         cin = widths[0]
         for stage, cout in enumerate(widths):
@@ -145,73 +143,3 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.pool(self.features(x)))
-
-
-def _torchvision_weights(builder, weights: str | None, name: str):
-    """torchvision weights enum, failing with one line (not a socket traceback) when they cannot be had offline."""
-    if weights is None:
-        return None
-    import torchvision.models as tvm
-
-    try:
-        return tvm.get_model_weights(builder).verify(weights)
-    except (KeyError, ValueError, TypeError):
-        raise DlrunError(f"unknown weights {weights!r} for {name}; try IMAGENET1K_V1 or null") from None
-
-
-def _load_pretrained(model: nn.Module, weights, name: str) -> None:
-    """Load ImageNet weights, skipping layers whose shape this adaptation changed (stem, head)."""
-    import torch.hub
-
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except OSError as exc:  # URLError is an OSError: no network and no cached file
-        cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
-        raise DlrunError(f"cannot download {name} weights (no network?): place {cache} there or use model.weights=null ({exc})") from None
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
-
-
-def resnet18(input_shape, num_outputs, weights: str | None = None) -> nn.Module:
-    import torchvision.models as tvm
-
-    c, h, w = _image_shape("resnet18", input_shape)
-    model = tvm.resnet18(num_classes=num_outputs)
-    if c != 3 or min(h, w) < SMALL_IMAGE:
-        small = min(h, w) < SMALL_IMAGE
-        model.conv1 = nn.Conv2d(c, 64, 3 if small else 7, 1 if small else 2, 1 if small else 3, bias=False)
-        if small:
-            model.maxpool = nn.Identity()
-    if (resolved := _torchvision_weights("resnet18", weights, "resnet18")) is not None:
-        _load_pretrained(model, resolved, "resnet18")
-    return model
-
-
-def mobilenet_v2(input_shape, num_outputs, width_mult: float = 1.0, weights: str | None = None) -> nn.Module:
-    import torchvision.models as tvm
-
-    c, h, w = _image_shape("mobilenet_v2", input_shape)
-    model = tvm.mobilenet_v2(num_classes=num_outputs, width_mult=width_mult)
-    first = model.features[0][0]
-    if c != 3 or min(h, w) < SMALL_IMAGE:
-        stride = 1 if min(h, w) < SMALL_IMAGE else 2
-        model.features[0][0] = nn.Conv2d(c, first.out_channels, 3, stride, 1, bias=False)
-    if (resolved := _torchvision_weights("mobilenet_v2", weights, "mobilenet_v2")) is not None:
-        _load_pretrained(model, resolved, "mobilenet_v2")
-    return model
-
-
-def build(model_cfg, input_shape: Sequence[int] | None = None) -> nn.Module:
-    """Instantiate a model config and prove it accepts the dataset's input with a dry forward pass."""
-    from dlrun.config import instantiate
-
-    model = instantiate(model_cfg, "model")
-    shape = tuple(input_shape or model_cfg.input_shape)
-    try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()(torch.zeros(2, *shape))
-            model.train(was_training)
-    except RuntimeError as exc:
-        raise UsageError(f"model {model_cfg.get('_target_')} cannot take input of shape {list(shape)}: {str(exc).splitlines()[0]}") from None
-    return model

@@ -20,7 +20,13 @@ def progress(total_steps: int, description: str) -> Iterator[callable]:
     if not sys.stdout.isatty():
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
     task = bar.add_task(description, total=total_steps)
@@ -70,9 +76,11 @@ def rows_table(title: str, rows: list[Mapping[str, object]]) -> None:
     print_table(table)
 
 
-def print_table(table: Table) -> None:
+def print_table(table: Table, *, log: bool = True) -> None:
+    """Print a table (and, inside a run, keep a copy in the run's log file)."""
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
-    with console.capture() as captured:
-        console.print(table)
-    logging.getLogger().info("\n%s", captured.get())  # the root logger writes only to the run's log file
+    if log:
+        with console.capture() as captured:
+            console.print(table)
+        logging.getLogger().info("\n%s", captured.get())  # the root logger writes only to the run's log file

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from dlrun.errors import DlrunError, UsageError
-from dlrun.rundir import atomic_write_bytes
+from dlrun.core.errors import DlrunError, UsageError
+from dlrun.core.files import atomic_write_bytes
 
 # Keys of the checkpoint dict (later commands read them; keep them stable).
 MODEL = "model"

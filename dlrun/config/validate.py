@@ -1,80 +1,15 @@
-"""Finding, listing and validating the Hydra configs in conf/ — without importing torch.
-
-Validation runs before Hydra does, so a typo or a wrong type costs the user one clear line
-("unknown key 'optimizer.lrr'; did you mean 'optimizer.lr'?") instead of a Hydra stack trace.
-"""
+"""Validating overrides against conf/ before Hydra runs, so a typo or a wrong type costs the user one clear line
+("unknown key 'optimizer.lrr'; did you mean 'optimizer.lr'?") instead of a Hydra stack trace."""
 
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import re
-from pathlib import Path
 from typing import Any, Callable
 
-from dlrun.errors import UsageError
-
-# What users type on the command line for some commands, and the config path it stands for.
-# `dlrun quantize mode=qat backend=xnnpack` selects conf/quantizer/qat.yaml and sets its backend key.
-ALIASES: dict[str, dict[str, str]] = {
-    "quantize": {"mode": "quantizer", "backend": "quantizer.backend"},
-    "export": {"format": "export", "backend": "export.backend"},
-}
-
-
-def conf_dir() -> Path:
-    """conf/ of a source checkout, else the copy packaged inside the installed wheel (dlrun/conf)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "conf", here / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise UsageError(f"dlrun's config folder is missing (looked in {here.parent / 'conf'} and {here / 'conf'})")
-
-
-def groups() -> dict[str, list[str]]:
-    """Config group -> sorted option names (one YAML file per option)."""
-    root = conf_dir()
-    return {
-        d.name: sorted(f.stem for f in d.glob("*.yaml"))
-        for d in sorted(root.iterdir())
-        if d.is_dir() and d.name != "hydra"
-    }
-
-
-def describe(group: str, option: str) -> str:
-    """The one-line description an option's YAML file opens with."""
-    for line in (conf_dir() / group / f"{option}.yaml").read_text().splitlines():
-        if line.startswith("#") and not line.startswith("# @package"):
-            return line.lstrip("# ").strip()
-    return ""
-
-
-def expand_aliases(command: str, overrides: list[str]) -> list[str]:
-    aliases = ALIASES.get(command, {})
-    expanded = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        expanded.append(f"{aliases[key]}={value}" if sep and key in aliases else item)
-    return expanded
-
-
-def quote(value: str) -> str:
-    """Quote a value (e.g. a path) for a Hydra override."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def compose(command: str, overrides: list[str]):
-    """Compose the job config for `command` with Hydra's compose API (no run directory, no logging)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=command):
-            return hydra_compose(config_name=command, overrides=overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise UsageError(_one_line(exc)) from None
+from dlrun.config.compose import compose, groups, one_line
+from dlrun.core.errors import UsageError
 
 
 def validate(command: str, overrides: list[str]):
@@ -88,7 +23,7 @@ def validate(command: str, overrides: list[str]):
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
-        raise UsageError(f"invalid override: {_one_line(exc)}") from None
+        raise UsageError(f"invalid override: {one_line(exc)}") from None
 
     options = groups()
     selections, settings = [], []
@@ -152,23 +87,7 @@ def _check_resolves(cfg) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as exc:
-        raise UsageError(f"cannot resolve the config: {_one_line(exc)}") from None
-
-
-def instantiate(node, what: str):
-    """hydra.utils.instantiate, with the builder's own one-line DlrunError unwrapped from Hydra's wrapper."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate as hydra_instantiate
-
-    from dlrun.errors import DlrunError
-
-    try:
-        return hydra_instantiate(node, _convert_="all")
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, DlrunError):
-            raise cause from None
-        raise DlrunError(f"cannot build {what} {node.get('_target_')}: {cause or exc}") from None
+        raise UsageError(f"cannot resolve the config: {one_line(exc)}") from None
 
 
 def _values(override) -> list[str]:
@@ -289,7 +208,7 @@ def check_values(cfg) -> None:
         try:
             value = OmegaConf.select(cfg, path, throw_on_missing=False)
         except OmegaConfBaseException as exc:
-            raise UsageError(f"{path}: {_one_line(exc)}") from None
+            raise UsageError(f"{path}: {one_line(exc)}") from None
         if value is None and OmegaConf.select(cfg, path, default=_ABSENT) is _ABSENT:
             continue  # this command's config has no such key
         try:
@@ -300,82 +219,3 @@ def check_values(cfg) -> None:
             raise UsageError(f"{path} must be {must_be}, got {value!r}")
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first meaningful line of a Hydra/OmegaConf error, without its 'full_key:' trailer."""
-    text = str(exc).strip() or type(exc).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
-    return " ".join(lines[:2]) if lines else type(exc).__name__
-
-
-# --- configs read back from files ---------------------------------------------------------------------
-# A checkpoint or summary.json holds the config its model was built from, and eval/quantize/export/bench
-# rebuild the model from it with Hydra's instantiate, which imports and calls whatever `_target_` names.
-# A file from elsewhere is untrusted input, so its targets must be dlrun's own builders (an allowlist, not
-# Hydra's blocklist) or ones the user vouches for with trust_targets=[...] / on the command line.
-_SPECIAL_KEYS = ("_target_", "_partial_")  # the only Hydra keys dlrun's configs use
-_BUILT_SECTIONS = ("dataset", "model", "optimizer", "scheduler")  # the nodes dlrun instantiates
-
-
-@functools.cache
-def builtin_targets() -> frozenset[str]:
-    """Every `_target_` named in dlrun's own conf/: the builders a stored config may call."""
-    found = set()
-    for path in conf_dir().rglob("*.yaml"):
-        found.update(re.findall(r"^\s*_target_:\s*([\w.]+)", path.read_text(), flags=re.MULTILINE))
-    return frozenset(found)
-
-
-def targets_in_overrides(overrides: list[str]) -> list[str]:
-    """The `_target_` values the user typed (`model._target_=my_pkg.Net`): trusted because the user chose them."""
-    return [o.partition("=")[2].strip("'\"") for o in overrides if o.partition("=")[0].lstrip("+~").endswith("._target_")]
-
-
-def check_targets(config: dict, where: str, trusted=(), *, stored: bool = True) -> None:
-    """Refuse a config unless every Hydra key in it is `_target_`/`_partial_` at the root of a built section
-    and every `_target_` is one of dlrun's builders or in `trusted`. Raises UsageError naming the key.
-
-    `stored=True` (a config read from a file) also refuses interpolations: dlrun saves configs resolved,
-    so `${...}` there can only have been written in by hand.
-    """
-    allowed = builtin_targets() | {str(t) for t in trusted}
-
-    def refuse(path: str, why: str):
-        raise UsageError(f"refusing the config in {where}: {path} {why}; dlrun rebuilds models only from its own builders "
-                         "(a target you trust: add trust_targets=[module.Name])")
-
-    def walk(node, path: str, depth: int) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                child = f"{path}.{key}" if path else str(key)
-                if isinstance(key, str) and key.startswith("_") and key.endswith("_"):
-                    if key not in _SPECIAL_KEYS or depth != 1 or path not in _BUILT_SECTIONS:
-                        refuse(child, "is a Hydra instantiation key where dlrun uses none")
-                    if key == "_target_" and value not in allowed:
-                        refuse(child, f"= {value!r} is not one of dlrun's builders")
-                walk(value, child, depth + 1)
-        elif isinstance(node, list):
-            for index, item in enumerate(node):
-                walk(item, f"{path}[{index}]", depth + 1)
-        elif stored and isinstance(node, str) and "${" in node:
-            refuse(path, "holds an interpolation (stored configs are saved resolved)")
-
-    walk(config, "", 0)
-
-
-def plain(cfg) -> dict:
-    """A composed config as plain containers, interpolations left as written."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=False)
-
-
-def check_stored_config(config, where: str, trusted=()) -> dict:
-    """The shape and the targets of a config read from a checkpoint or summary.json, before anything is built."""
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("dataset", "model")):
-        raise UsageError(f"{where} holds no usable config (expected the mappings 'dataset' and 'model')")
-    for section in ("dataset", "model"):
-        if not isinstance(config[section].get("_target_"), str):
-            raise UsageError(f"{where} holds no usable config ({section}._target_ is missing)")
-    check_targets(config, where, trusted)
-    return config

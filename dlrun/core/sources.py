@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlrun import rundir
-from dlrun.config import check_stored_config
-from dlrun.errors import DlrunError, UsageError
+from dlrun.config.trust import check_stored_config
+from dlrun.core import files, rundir
+from dlrun.core.errors import DlrunError, UsageError
 
 QUANTIZED_PROGRAM = "model.pt2"  # what a quantize run leaves behind (torch.export.save)
 ARTIFACT_SUFFIXES = (".pte", ".pt2", ".onnx")
@@ -55,7 +55,7 @@ def from_run_dir(run_dir: Path, trusted=()) -> Source:
         return _from_checkpoint(run_dir / "checkpoints" / "best.pt", run_dir, trusted)
     summary_path = run_dir / rundir.SUMMARY
     if (run_dir / QUANTIZED_PROGRAM).is_file() and summary_path.is_file():
-        summary = rundir.read_json(summary_path)
+        summary = files.read_json(summary_path)
         return Source("quantized", run_dir / QUANTIZED_PROGRAM, _source_config(summary, summary_path, trusted), run_dir,
                       _train_run(summary, summary_path))
     artifacts = [p for p in sorted(run_dir.iterdir()) if p.suffix in ARTIFACT_SUFFIXES] if run_dir.is_dir() else []
@@ -65,7 +65,7 @@ def from_run_dir(run_dir: Path, trusted=()) -> Source:
 
 
 def _from_checkpoint(path: Path, run_dir: Path | None = None, trusted=()) -> Source:
-    from dlrun import checkpoint
+    from dlrun.core import checkpoint
 
     saved = checkpoint.load(path)
     config = check_stored_config(saved[checkpoint.CONFIG], str(path), trusted)
@@ -81,7 +81,7 @@ def _from_artifact(path: Path, trusted=()) -> Source:
     summary_path = path.parent / rundir.SUMMARY
     if not summary_path.is_file():
         raise UsageError(f"cannot tell which dataset {path} was made for: no {rundir.SUMMARY} beside it (export it with dlrun export)")
-    summary = rundir.read_json(summary_path)
+    summary = files.read_json(summary_path)
     export = summary.get("config", {}).get("export", {})
     max_batch = export.get("max_batch") if export.get("dynamic_batch", True) else 1
     return Source("artifact", path, _source_config(summary, summary_path, trusted), path.parent,
@@ -110,7 +110,8 @@ def load_model(source: Source, device="cpu"):
     """The fp32 nn.Module of a checkpoint source, in eval mode."""
     from omegaconf import OmegaConf
 
-    from dlrun import checkpoint, models
+    from dlrun import models
+    from dlrun.core import checkpoint
 
     if source.kind != "checkpoint":
         raise UsageError(f"{source.label} is a {source.kind}, not a train checkpoint")
@@ -129,7 +130,7 @@ def load_predictor(source: Source, device="cpu"):
         return load_model(source, device)
     try:
         if source.kind == "quantized":
-            from dlrun import quantization
+            from dlrun.compression import quantization
 
             return quantization.load_program(source.path)
         from dlrun import exporting

@@ -1,0 +1,34 @@
+"""The commands dlrun runs through Hydra: adding one is an entry here, its recipe dlrun/commands/<name>.py
+(a `run(cfg)` function) and its config conf/<name>.yaml. `dlrun --help` and `dlrun ls` are built from this table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    # What users type for some commands and the config path it stands for:
+    # `dlrun quantize mode=qat backend=xnnpack` selects conf/quantizer/qat.yaml and sets its backend key.
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def recipe(self) -> str:
+        return f"dlrun.commands.{self.name}"
+
+
+COMMANDS = {command.name: command for command in (
+    Command("train", "Train a model: [bold]dlrun train model=resnet optimizer.lr=0.05[/bold] (resume with resume=RUN_DIR)."),
+    Command("eval", "Evaluate a checkpoint, quantized program or artifact: "
+                    "[bold]dlrun eval run=RUN_DIR[/bold] | ckpt=PATH | artifact=PATH."),
+    Command("quantize", "Quantize a trained model: [bold]dlrun quantize mode=qat backend=xnnpack[/bold] "
+                        "(modes: ptq, dynamic, qat, weight_only).",
+            aliases={"mode": "quantizer", "backend": "quantizer.backend"}),
+    Command("export", "Export and verify in its runtime: [bold]dlrun export format=pte backend=xnnpack[/bold] "
+                      "(formats: pte, pt2, onnx).",
+            aliases={"format": "export", "backend": "export.backend"}),
+    Command("bench", "Benchmark every variant of a run (eager, compiled, quantized, .pte, .onnx): "
+                     "[bold]dlrun bench run=RUN_DIR[/bold]."),
+)}

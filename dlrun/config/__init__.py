@@ -1,0 +1,1 @@
+"""Finding, composing and validating the Hydra configs in conf/, and what each command supports — without torch."""

@@ -1,0 +1,1 @@
+"""Mechanics every command shares: errors, atomic files, run directories, checkpoints, provenance, output."""

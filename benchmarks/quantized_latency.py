@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import machine, parser
-from dlrun import exporting, models, quantization
+from dlrun import exporting, models
+from dlrun.compression import quantization
 
 ZOO = {  # name -> (builder, input shape)
     "resnet18@64": (models.resnet18, (3, 64, 64)),

@@ -16,7 +16,10 @@ import torch
 from hydra.utils import instantiate
 
 from benchmarks._common import machine, parser
-from dlrun import config, data as datasets, engine, models
+from dlrun import data as datasets
+from dlrun import models
+from dlrun.config import compose
+from dlrun.training import env, evaluate, loop
 
 TARGET = 0.99
 
@@ -24,21 +27,21 @@ TARGET = 0.99
 def main() -> None:
     args = parser(__doc__).parse_args()
     overrides = ["trainer.epochs=2"] if args.quick else []
-    cfg = config.compose("train", overrides)
+    cfg = compose.compose("train", overrides)
     t = cfg.trainer
-    engine.seed_everything(t.seed, False)
+    env.seed_everything(t.seed, False)
     data = datasets.build(cfg.dataset, torch.device("cpu"))
     model = models.build(cfg.model, data.input_shape)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     steps = math.ceil(len(data.train) / t.batch_size)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps * t.epochs, steps_per_epoch=steps)
-    loss_fn = engine.loss_function(data.task)
+    loss_fn = evaluate.loss_function(data.task)
     train_seconds, reached = 0.0, None
     for epoch in range(1, t.epochs + 1):
-        stats = engine.train_epoch(model, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=t.batch_size, seed=t.seed)
+        stats = loop.train_epoch(model, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=t.batch_size, seed=t.seed)
         train_seconds += stats.seconds
         model.eval()  # test accuracy is measured outside the timed training
-        accuracy = engine.evaluate(model, data.test, data)["accuracy"]
+        accuracy = evaluate.evaluate(model, data.test, data)["accuracy"]
         if reached is None and accuracy >= TARGET:
             reached = (epoch, train_seconds, accuracy)
 

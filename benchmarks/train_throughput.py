@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 from benchmarks._common import machine, median, parser
-from dlrun import config, data as datasets, engine, models, schedulers
+from dlrun import data as datasets
+from dlrun import models
+from dlrun.config import compose
+from dlrun.training import evaluate, loop, schedulers
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
     epochs, repeats = (1, 2) if args.quick else (3, 7)
-    cfg = config.compose("train", [])
+    cfg = compose.compose("train", [])
     data = datasets.build(cfg.dataset, torch.device("cpu"))
     batch = cfg.trainer.batch_size
     x, y = data.train.x, data.train.y
@@ -33,9 +36,9 @@ def main() -> None:
     def dlrun_engine() -> int:
         model, opt = fresh()
         sched = schedulers.constant(opt, total_steps=0, steps_per_epoch=0)
-        loss_fn = engine.loss_function("classification")
+        loss_fn = evaluate.loss_function("classification")
         for epoch in range(1, epochs + 1):
-            engine.train_epoch(model, data, opt, sched, loss_fn, epoch=epoch, batch_size=batch, seed=0)
+            loop.train_epoch(model, data, opt, sched, loss_fn, epoch=epoch, batch_size=batch, seed=0)
         return epochs * len(x)
 
     def notes_loop() -> int:  # the textbook loop: TensorDataset + DataLoader(shuffle=True)

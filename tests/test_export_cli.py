@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_THREAD_ENV, error_line, ok, run_dirs, subprocess_env
+from helpers import ONE_THREAD_ENV, error_line, ok, run_dirs, subprocess_env
 
 ENV = subprocess_env(**ONE_THREAD_ENV)
 VERIFY_SAMPLES = 256  # conf/export/*.yaml verify_samples; the digits test split has 359

@@ -83,7 +83,7 @@ def list_configs(group: Optional[str] = typer.Argument(None, help="Only this con
                 table.add_row(name, option, compose.describe(name, option))
     ui.print_table(table, log=False)
     if group in ("quantizer", "export"):
-        from dlrun.config import capabilities
+        from dlrun import capabilities
 
         ui.print_table(capabilities.rich_table(group), log=False)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_THREAD_ENV, copy_train_run, error_line, ok, run_dirs, run_dlrun, subprocess_env
+from helpers import ONE_THREAD_ENV, copy_train_run, error_line, ok, run_dirs, run_dlrun, subprocess_env
 
 ENV = subprocess_env(**ONE_THREAD_ENV)
 CHEAP_BENCH = ("warmup=1", "latency_repeats=5", "throughput_repeats=2", "throughput_batch=8")

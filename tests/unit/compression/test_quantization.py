@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dlrun import quantization as q
+from dlrun.compression import quantization as q
 
 SHAPE = (1, 8, 8)
 

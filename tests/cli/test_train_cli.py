@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import (
+from helpers import (
     MICRO_TRAIN, PYTHON, TIMESTAMP, TINY_EPOCHS, TINY_TRAIN, Result, error_line, ok, read_jsonl, run_dirs, run_dlrun,
     subprocess_env,
 )
-from dlrun import rundir
+from dlrun.core import rundir
 
 COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "samples_per_s"]
 TIMING = {"seconds", "samples_per_s"}
@@ -199,13 +199,13 @@ def test_dataset_errors_reach_the_user_as_one_line(cli):
 # the interruption always lands at the same point (last.pt holds epoch 2) instead of racing a timer.
 INTERRUPT_AT_EPOCH_3 = """
 import os, signal, sys
-import dlrun.engine as engine
-train_epoch = engine.train_epoch
+import dlrun.training.loop as loop
+train_epoch = loop.train_epoch
 def interrupted(*args, **kwargs):
     if kwargs["epoch"] == 3:
         os.kill(os.getpid(), signal.SIGINT)
     return train_epoch(*args, **kwargs)
-engine.train_epoch = interrupted
+loop.train_epoch = interrupted
 from dlrun.cli import main
 main()
 """

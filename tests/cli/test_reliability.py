@@ -31,12 +31,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (
+from helpers import (
     PYTHON, TIMESTAMP, TINY_EPOCHS, TINY_MODEL, TINY_TRAIN, Result, error_line, ok, read_jsonl, run_dirs, run_dlrun,
     subprocess_env,
 )
-from dlrun import checkpoint, config, rundir
-from dlrun.errors import DlrunError, UsageError
+from dlrun.config import compose, validate
+from dlrun.core import checkpoint, files, locks, rundir
+from dlrun.core.errors import DlrunError, UsageError
 from test_train_cli import assert_same_training
 
 # A few seconds of work at most: for tests that need *a* finished run, not a good model.
@@ -101,10 +102,10 @@ def assert_nothing_but_logs(cwd: Path, command: str = "train") -> None:
 BEFORE_EPOCH = """
 import errno, os, shutil, types
 from pathlib import Path
-import dlrun.checkpoint as checkpoint, dlrun.engine as engine, dlrun.rundir as rundir
+import dlrun.core.checkpoint as checkpoint, dlrun.training.loop as loop, dlrun.core.files as files
 AT, FAULT = int(os.environ["AT"]), os.environ.get("FAULT", "")
 armed = saving = False
-train_epoch, save = engine.train_epoch, checkpoint.save
+train_epoch, save = loop.train_epoch, checkpoint.save
 def before(*args, **kwargs):
     global armed
     if kwargs["epoch"] == AT:
@@ -123,8 +124,8 @@ def fsync(fd):
     if armed and saving:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return os.fsync(fd)
-engine.train_epoch, checkpoint.save = before, saving_checkpoint
-rundir.os = types.SimpleNamespace(**{**vars(os), "fsync": fsync})
+loop.train_epoch, checkpoint.save = before, saving_checkpoint
+files.os = types.SimpleNamespace(**{**vars(os), "fsync": fsync})
 from dlrun.cli import main
 main()
 """
@@ -190,7 +191,7 @@ def test_ctrl_c_handler_first_interrupts_then_exits_at_once(tmp_path, monkeypatc
     """The handler `dlrun train` installs: KeyboardInterrupt first, then os._exit(130) without unwinding."""
     from dlrun.commands import train
 
-    lock = rundir.acquire_lock(tmp_path)
+    lock = locks.acquire_lock(tmp_path)
     handler = train._on_interrupt(lock)
     with pytest.raises(KeyboardInterrupt):
         handler(signal.SIGINT, None)
@@ -213,12 +214,12 @@ def test_ctrl_c_hint_is_a_relative_path(tmp_path):
 
 INTERRUPT_IN_EPOCH_1 = """
 import os, signal
-import dlrun.engine as engine
-train_epoch = engine.train_epoch
+import dlrun.training.loop as loop
+train_epoch = loop.train_epoch
 def interrupted(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)
     return train_epoch(*args, **kwargs)
-engine.train_epoch = interrupted
+loop.train_epoch = interrupted
 from dlrun.cli import main
 main()
 """
@@ -228,15 +229,15 @@ main()
 
 
 def _write_metrics(path: Path, version: int) -> None:
-    from dlrun.rundir import write_metrics
+    from dlrun.core.files import write_rows
 
-    write_metrics(path.parent, [{"epoch": e, "train_loss": version / (e + 1)} for e in range(1, version + 2)])
+    write_rows(path.parent, "metrics", [{"epoch": e, "train_loss": version / (e + 1)} for e in range(1, version + 2)])
 
 
 WRITERS = {
-    "atomic_write_bytes": ("last.pt", lambda path, v: rundir.atomic_write_bytes(path, bytes([v]) * 100_000)),
+    "atomic_write_bytes": ("last.pt", lambda path, v: files.atomic_write_bytes(path, bytes([v]) * 100_000)),
     "checkpoint.save": ("best.pt", lambda path, v: checkpoint.save(path, {"model": {"w": torch.full((1000,), v)}, "config": {}})),
-    "write_json": ("summary.json", lambda path, v: rundir.write_json(path, {"version": v, "rows": list(range(1000))})),
+    "write_json": ("summary.json", lambda path, v: files.write_json(path, {"version": v, "rows": list(range(1000))})),
     "metrics": ("metrics.jsonl", _write_metrics),
 }
 
@@ -269,11 +270,11 @@ def raises(exc: BaseException):
     return fail
 
 
-FAULTS = {  # where the write breaks (all inside dlrun.rundir.atomic_write_bytes)
-    "write": lambda mp: mp.setattr(rundir.os, "fdopen", lambda fd, mode: FailingFile(open(fd, mode))),
-    "fsync": lambda mp: mp.setattr(rundir.os, "fsync", raises(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))),
-    "replace": lambda mp: mp.setattr(rundir.os, "replace", raises(OSError(errno.EIO, os.strerror(errno.EIO)))),
-    "interrupt": lambda mp: mp.setattr(rundir.os, "replace", raises(KeyboardInterrupt())),
+FAULTS = {  # where the write breaks (all inside dlrun.core.files.atomic_write_bytes)
+    "write": lambda mp: mp.setattr(files.os, "fdopen", lambda fd, mode: FailingFile(open(fd, mode))),
+    "fsync": lambda mp: mp.setattr(files.os, "fsync", raises(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))),
+    "replace": lambda mp: mp.setattr(files.os, "replace", raises(OSError(errno.EIO, os.strerror(errno.EIO)))),
+    "interrupt": lambda mp: mp.setattr(files.os, "replace", raises(KeyboardInterrupt())),
 }
 
 
@@ -300,7 +301,7 @@ def test_failed_write_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch,
 KEEP_WRITING = """
 import sys, itertools
 from pathlib import Path
-from dlrun.rundir import atomic_write_bytes, write_json
+from dlrun.core.files import atomic_write_bytes, write_json
 folder = Path(sys.argv[1])
 for version in itertools.count():
     atomic_write_bytes(folder / "last.pt", bytes([version % 256]) * 4_000_000)
@@ -325,7 +326,7 @@ def test_sigkill_while_writing_leaves_the_old_or_the_new_file(tmp_path):
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert summary["rows"] == list(range(200_000))
         assert abs(summary["version"] % 256 - data[0]) <= 1 or {summary["version"] % 256, data[0]} == {0, 255}
-        rundir.remove_stale_temps(tmp_path)  # what `dlrun train resume=` does once it holds the run's lock
+        locks.remove_stale_temps(tmp_path)  # what `dlrun train resume=` does once it holds the run's lock
         assert not temp_files(tmp_path)
         (tmp_path / "written").unlink()
 
@@ -385,12 +386,12 @@ def test_resume_of_a_run_another_live_process_writes_is_refused_then_a_stale_loc
 
 def test_lock_file_never_reads_empty(tmp_path):
     """acquire_lock writes the pid before the lock exists (link), so a reader never sees an empty lock as stale."""
-    lock = rundir.acquire_lock(tmp_path)
+    lock = locks.acquire_lock(tmp_path)
     assert lock.read_text() == str(os.getpid()) and sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-    rundir.acquire_lock(tmp_path)  # our own lock: fine
+    locks.acquire_lock(tmp_path)  # our own lock: fine
     lock.write_text(str(dead_pid()))
-    assert rundir.acquire_lock(tmp_path).read_text() == str(os.getpid())  # stale: taken over
-    rundir.release_lock(lock)
+    assert locks.acquire_lock(tmp_path).read_text() == str(os.getpid())  # stale: taken over
+    locks.release_lock(lock)
     assert not lock.exists()
 
 
@@ -526,9 +527,9 @@ def test_eval_of_a_run_dir_without_checkpoint(cli):
 
 # ---- property-based: validation never crashes -----------------------------------------------------
 
-_DEFAULTS = config._leaves(config.compose("train", []))
+_DEFAULTS = validate._leaves(compose.compose("train", []))
 _LEAVES = sorted(k for k, v in _DEFAULTS.items() if not isinstance(v, dict))
-_GROUPS = {g: o for g, o in config.groups().items() if g in ("dataset", "model", "optimizer", "scheduler", "trainer")}
+_GROUPS = {g: o for g, o in compose.groups().items() if g in ("dataset", "model", "optimizer", "scheduler", "trainer")}
 _VALUES = ["1", "0", "-1", "2.5", "1e30", "nan", "inf", "-inf", "true", "false", "null", "abc", "''", "'a b'",
            "[]", "[1,2]", "[8,16]", "[a,b]", "{a:1}", "{}", "${trainer.seed}", "${oops}", "???", "1,2", "range(1,3)",
            "cpu", "cuda", "cuda:0", "tpu", "auto", "stop", "skip_batch", "bf16", "fp16", "../../etc", "ü", "a=b", ""]
@@ -575,12 +576,12 @@ _overrides = st.lists(st.one_of(_mostly_valid, _mostly_valid, _anything), max_si
 
 def _validate_or_usage_error(overrides: list[str]) -> None:
     try:
-        cfg = config.validate("train", overrides)
+        cfg = validate.validate("train", overrides)
     except UsageError as exc:
         assert str(exc) and "\n" not in str(exc), overrides
         return
     # what the CLI does next with an accepted config: these may only raise UsageError too
-    for check in (lambda: config.check_no_sweep(overrides), lambda: config.check_complete(cfg), lambda: cfg.get("name")):
+    for check in (lambda: validate.check_no_sweep(overrides), lambda: validate.check_complete(cfg), lambda: cfg.get("name")):
         try:
             check()
         except UsageError:

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import error_line, ok, run_dirs
-from dlrun import checkpoint
-from dlrun.errors import UsageError
+from helpers import error_line, ok, run_dirs
+from dlrun.core import checkpoint
+from dlrun.core.errors import UsageError
 
 
 def eval_summary(cwd) -> dict:

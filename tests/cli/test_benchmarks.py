@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import ONE_THREAD_ENV, PYTHON, REPO, subprocess_env
+from helpers import ONE_THREAD_ENV, PYTHON, REPO, subprocess_env
 
 # benchmark -> substrings its output must contain
 EXPECTED = {

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     CHEAP_QUANTIZE, ONE_THREAD_ENV, copy_train_run, error_line, ok, read_jsonl, run_dirs, run_dlrun, subprocess_env,
     tree_hashes,
 )

@@ -11,16 +11,16 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import PYTHON, REPO, error_line, ok, run_dlrun, subprocess_env
-from dlrun import config
-from dlrun.errors import UsageError
+from helpers import PYTHON, REPO, error_line, ok, run_dlrun, subprocess_env
+from dlrun.config import compose, validate
+from dlrun.core.errors import UsageError
 
 TRAIN_GROUPS = ("dataset", "model", "optimizer", "scheduler", "trainer")
-OPTIONS = [(group, option) for group in TRAIN_GROUPS for option in config.groups()[group]]
+OPTIONS = [(group, option) for group in TRAIN_GROUPS for option in compose.groups()[group]]
 
 
 def test_train_groups_have_options():
-    available = config.groups()
+    available = compose.groups()
     for group in TRAIN_GROUPS:
         assert available[group], group
     assert {"digits", "diabetes", "synthetic", "mnist", "fashion_mnist", "cifar10", "image_folder"} <= set(available["dataset"])
@@ -29,47 +29,47 @@ def test_train_groups_have_options():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_is_described(group, option):
-    cfg = config.validate("train", [f"{group}={option}"])
-    own = OmegaConf.load(config.conf_dir() / group / f"{option}.yaml")
+    cfg = validate.validate("train", [f"{group}={option}"])
+    own = OmegaConf.load(compose.conf_dir() / group / f"{option}.yaml")
     if "_target_" in own:
         assert cfg[group]._target_ == own._target_
     else:  # trainer options: compare a value the option sets
         assert cfg.trainer.epochs == (own.epochs if "epochs" in own else 15)
-    assert config.describe(group, option), f"{group}/{option}.yaml has no description comment"
+    assert compose.describe(group, option), f"{group}/{option}.yaml has no description comment"
 
 
 def test_defaults_compose_to_a_runnable_config():
-    cfg = config.validate("train", [])
+    cfg = validate.validate("train", [])
     assert cfg.dataset._target_ == "dlrun.data.digits"
     assert cfg.model._target_ == "dlrun.models.LeNet"
     # model shapes follow the dataset through interpolation
     assert list(cfg.model.input_shape) == [1, 8, 8] and cfg.model.num_outputs == 10
-    cfg = config.validate("train", ["dataset=cifar10"])
+    cfg = validate.validate("train", ["dataset=cifar10"])
     assert list(cfg.model.input_shape) == [3, 32, 32]
 
 
 def test_eval_config_composes():
-    cfg = config.validate("eval", ["ckpt=x.pt", "device=cpu", "batch_size=8"])
+    cfg = validate.validate("eval", ["ckpt=x.pt", "device=cpu", "batch_size=8"])
     assert cfg.ckpt == "x.pt" and cfg.batch_size == 8
     with pytest.raises(UsageError, match="batch_size must be an integer >= 1"):
-        config.validate("eval", ["batch_size=0"])
+        validate.validate("eval", ["batch_size=0"])
 
 
 def test_sweep_values_are_all_checked():
-    config.validate("train", ["optimizer.lr=0.1,0.01"])
+    validate.validate("train", ["optimizer.lr=0.1,0.01"])
     with pytest.raises(UsageError, match="optimizer.lr must be a number"):
-        config.validate("train", ["optimizer.lr=0.1,abc"])
+        validate.validate("train", ["optimizer.lr=0.1,abc"])
     with pytest.raises(UsageError, match="unknown model 'resnt'"):
-        config.validate("train", ["model=lenet,resnt"])
+        validate.validate("train", ["model=lenet,resnt"])
 
 
 def test_every_optimizer_and_scheduler_instantiates():
     import torch
     from hydra.utils import instantiate
 
-    for optimizer in config.groups()["optimizer"]:
-        for scheduler in config.groups()["scheduler"]:
-            cfg = config.validate("train", [f"optimizer={optimizer}", f"scheduler={scheduler}"])
+    for optimizer in compose.groups()["optimizer"]:
+        for scheduler in compose.groups()["scheduler"]:
+            cfg = validate.validate("train", [f"optimizer={optimizer}", f"scheduler={scheduler}"])
             params = [torch.nn.Parameter(torch.ones(3))]
             opt = instantiate(cfg.optimizer)(params)
             sched = instantiate(cfg.scheduler)(opt, total_steps=20, steps_per_epoch=5)
@@ -84,7 +84,7 @@ def test_every_optimizer_and_scheduler_instantiates():
 
 
 def test_add_and_delete_keys_are_accepted():
-    cfg = config.validate("train", ["+new.key=1", "~optimizer.weight_decay"])
+    cfg = validate.validate("train", ["+new.key=1", "~optimizer.weight_decay"])
     assert cfg.new.key == 1
     assert "weight_decay" not in cfg.optimizer
 
@@ -100,7 +100,7 @@ def test_mistyped_key_suggests_the_right_one(cli):
 
 def test_unknown_option_names_the_closest_and_lists_all(cli):
     line = error_line(cli("train", "model=resnt"), 2, "'resnt'", "did you mean 'resnet'")
-    for option in config.groups()["model"]:
+    for option in compose.groups()["model"]:
         assert option in line
 
 
@@ -137,14 +137,14 @@ def test_add_and_delete_keys_on_the_command_line(cli):
 def test_ls_lists_every_group_option_with_its_description(cli):
     out = ok(cli("ls")).stdout
     for group in TRAIN_GROUPS:
-        for option in config.groups()[group]:
+        for option in compose.groups()[group]:
             assert option in out
-            assert config.describe(group, option)[:30] in out, (group, option)
+            assert compose.describe(group, option)[:30] in out, (group, option)
 
 
 def test_ls_one_group(cli):
     out = ok(cli("ls", "model")).stdout
-    assert "lenet" in out and config.describe("model", "resnet18")[:30] in out
+    assert "lenet" in out and compose.describe("model", "resnet18")[:30] in out
     assert "digits" not in out and "adamw" not in out
 
 
@@ -190,7 +190,7 @@ def test_wheel_ships_the_configs_and_finds_them_installed(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     env = subprocess_env(PYTHONPATH=str(site))
-    where = subprocess.run([PYTHON, "-c", "import dlrun.config as c; print(c.__file__); print(c.conf_dir())"],
+    where = subprocess.run([PYTHON, "-c", "import dlrun.config.compose as c; print(c.__file__); print(c.conf_dir())"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr
     module_file, conf = where.stdout.split()

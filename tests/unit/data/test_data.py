@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from dlrun import config, data
+from dlrun import data
+from dlrun.config import validate
 from dlrun.data import Augment, TensorSplit, split_indices
-from dlrun.errors import DlrunError
+from dlrun.core.errors import DlrunError
 
 CPU = torch.device("cpu")
 
 
 def build(*overrides: str) -> data.Data:
     """The dataset exactly as `dlrun train <overrides>` would build it."""
-    return data.build(config.validate("train", list(overrides)).dataset, CPU)
+    return data.build(validate.validate("train", list(overrides)).dataset, CPU)
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:

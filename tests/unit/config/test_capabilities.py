@@ -1,12 +1,11 @@
 """The capability tables are the single source of truth: validation, `dlrun ls` and the README follow them."""
 
-from pathlib import Path
-
 import pytest
+from helpers import REPO
 
 from dlrun import capabilities
 
-README = (Path(__file__).parents[1] / "README.md").read_text()
+README = (REPO / "README.md").read_text()
 
 
 @pytest.mark.parametrize("mode,backend,note", capabilities.capability_rows())

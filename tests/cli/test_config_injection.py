@@ -14,9 +14,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import error_line, ok, tree_hashes
-from dlrun.config import builtin_targets, check_stored_config, check_targets
-from dlrun.errors import UsageError
+from helpers import error_line, ok, tree_hashes
+from dlrun.config.trust import builtin_targets, check_stored_config, check_targets
+from dlrun.core.errors import UsageError
 
 
 def write_text_payload(target_file) -> dict:

@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from dlrun import config, models
-from dlrun.errors import DlrunError, UsageError
+from dlrun import models
+from dlrun.config import validate
+from dlrun.core.errors import DlrunError, UsageError
 
 ALL_MODELS = ["linear", "mlp", "lenet", "googlenet", "resnet", "resnet18", "mobilenet_v2"]
 CONV_MODELS = ALL_MODELS[2:]
@@ -18,7 +19,7 @@ IMAGE_DATASETS = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 
 
 
 def model_cfg(*overrides: str):
-    return config.validate("train", list(overrides)).model
+    return validate.validate("train", list(overrides)).model
 
 
 @pytest.mark.parametrize("dataset", IMAGE_DATASETS)

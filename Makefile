@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup train test test-full bench clean
+.PHONY: setup train lint format test test-full bench clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,18 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/dlrun train
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(PYTEST) -m "not slow" -q
 
-test-full: setup
+test-full: lint
 	$(PYTEST) -q
 
 bench: setup

@@ -10,7 +10,9 @@ import statistics
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="tiny settings, for the test suite (numbers are not meaningful)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny settings, for the test suite (numbers are not meaningful)"
+    )
     return p
 
 

@@ -2,7 +2,8 @@
 x86-Inductor int8 through torch.compile. Random weights: these are speed and size numbers only.
 
     python -m benchmarks.quantized_latency [--quick]
-Goals (ResNet-18 at 64x64): int8 .pte <= 1/2.5 of fp32 .pte and <= 1/10 of fp32 eager; int8 .pte size <= 0.27 x fp32 .pte.
+Goals (ResNet-18 at 64x64): int8 .pte <= 1/2.5 of fp32 .pte and <= 1/10 of fp32 eager;
+int8 .pte size <= 0.27 x fp32 .pte.
 Timings are interleaved (one round = every variant once) so machine drift hits all variants alike.
 """
 
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import machine, parser
-from dlrun import exporting, models
+from dlrun import models
 from dlrun.compression import quantization
+from dlrun.deploy import lower, program, runtime
 
 ZOO = {  # name -> (builder, input shape)
     "resnet18@64": (models.resnet18, (3, 64, 64)),
@@ -37,8 +39,8 @@ def variants(name: str, tmp: Path, *, with_x86: bool) -> tuple[dict, dict]:
     calls, sizes = {"fp32 eager": fp32}, {}
     for label, module in (("fp32 .pte", fp32), ("int8 .pte", int8)):
         path = tmp / f"{label.split()[0]}.pte"
-        result = exporting.to_pte(exporting.export_program(module, example, max_batch=16), path, backend="xnnpack")
-        calls[label], sizes[label] = exporting.load_runner(path), result.size_bytes
+        result = lower.to_pte(program.export_program(module, example, max_batch=16), path, backend="xnnpack")
+        calls[label], sizes[label] = runtime.load_runner(path), result.size_bytes
     if with_x86:  # x86 int8 gets its speed from inductor's fused int8 kernels
         x86 = quantization.quantize_ptq(fp32, example, calib, backend="x86_inductor")
         with torch.no_grad():
@@ -74,10 +76,12 @@ def main() -> None:
             ms = interleaved_ms(calls, torch.randn(1, *ZOO[name][1]), rounds, per_round)
         line = "  ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
         print(f"  {name}: {line}")
-        ratios = (f"int8.pte/fp32.pte = {ms['int8 .pte'] / ms['fp32 .pte']:.3f} (goal <= 0.4)   "
-                  f"int8.pte/eager = {ms['int8 .pte'] / ms['fp32 eager']:.3f} (goal <= 0.1)   "
-                  f"size int8/fp32 .pte = {sizes['int8 .pte'] / sizes['fp32 .pte']:.3f} (goal <= 0.27; "
-                  f"{sizes['fp32 .pte'] / 1e6:.1f} -> {sizes['int8 .pte'] / 1e6:.1f} MB)")
+        ratios = (
+            f"int8.pte/fp32.pte = {ms['int8 .pte'] / ms['fp32 .pte']:.3f} (goal <= 0.4)   "
+            f"int8.pte/eager = {ms['int8 .pte'] / ms['fp32 eager']:.3f} (goal <= 0.1)   "
+            f"size int8/fp32 .pte = {sizes['int8 .pte'] / sizes['fp32 .pte']:.3f} (goal <= 0.27; "
+            f"{sizes['fp32 .pte'] / 1e6:.1f} -> {sizes['int8 .pte'] / 1e6:.1f} MB)"
+        )
         if "x86 int8 compiled" in ms:
             ratios += f"   x86-int8-compiled/eager = {ms['x86 int8 compiled'] / ms['fp32 eager']:.3f}"
         print(f"    {ratios}")

@@ -38,7 +38,9 @@ def main() -> None:
     loss_fn = evaluate.loss_function(data.task)
     train_seconds, reached = 0.0, None
     for epoch in range(1, t.epochs + 1):
-        stats = loop.train_epoch(model, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=t.batch_size, seed=t.seed)
+        stats = loop.train_epoch(
+            model, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=t.batch_size, seed=t.seed
+        )
         train_seconds += stats.seconds
         model.eval()  # test accuracy is measured outside the timed training
         accuracy = evaluate.evaluate(model, data.test, data)["accuracy"]
@@ -52,7 +54,10 @@ def main() -> None:
 
     print(f"time_to_accuracy  ({machine()}; dlrun train defaults: digits + LeNet, {t.epochs} epochs)")
     if reached:
-        print(f"  {TARGET:.0%} test accuracy after epoch {reached[0]}: {reached[1]:.2f} s of training (goal <= 3 s), accuracy {reached[2]:.4f}")
+        print(
+            f"  {TARGET:.0%} test accuracy after epoch {reached[0]}: {reached[1]:.2f} s of training (goal <= 3 s), "
+            f"accuracy {reached[2]:.4f}"
+        )
     else:
         print(f"  {TARGET:.0%} test accuracy NOT reached in {t.epochs} epochs ({train_seconds:.2f} s of training)")
     print(f"  whole `dlrun train` process: {process_s:.2f} s (goal <= 12 s)")

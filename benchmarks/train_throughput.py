@@ -68,7 +68,11 @@ def main() -> None:
                 opt.step()
         return epochs * len(x)
 
-    variants = {"a: dlrun engine": dlrun_engine, "b: notes' DataLoader loop": notes_loop, "c: tuned hand loop": hand_loop}
+    variants = {
+        "a: dlrun engine": dlrun_engine,
+        "b: notes' DataLoader loop": notes_loop,
+        "c: tuned hand loop": hand_loop,
+    }
     for fn in variants.values():  # untimed warm-up: oneDNN primitives and allocator caches are built once per process
         fn()
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -78,7 +82,10 @@ def main() -> None:
             samples = fn()
             rates[name].append(samples / (time.perf_counter() - start))
     a, b, c = (median(r) for r in rates.values())
-    print(f"train_throughput  ({machine()}; LeNet on digits, batch {batch}, {epochs} epochs x {repeats} interleaved repeats)")
+    print(
+        f"train_throughput  ({machine()}; LeNet on digits, batch {batch}, "
+        f"{epochs} epochs x {repeats} interleaved repeats)"
+    )
     for name, r in rates.items():
         print(f"  {name:28s} {median(r):10,.0f} samples/s")
     print(f"  a/b = {a / b:.2f}  (goal >= 1.5)   a/c = {a / c:.2f}  (goal >= 0.97)")

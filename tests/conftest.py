@@ -9,8 +9,18 @@ from pathlib import Path
 import pytest
 
 from helpers import (
-    CHEAP_QUANTIZE, TIMESTAMP, TINY_EPOCHS, TINY_TRAIN, Pipeline, Result, TrainedRun, copy_train_run, ok, run_dirs,
-    run_dlrun, tree_hashes,
+    CHEAP_QUANTIZE,
+    TIMESTAMP,
+    TINY_EPOCHS,
+    TINY_TRAIN,
+    Pipeline,
+    Result,
+    TrainedRun,
+    copy_train_run,
+    ok,
+    run_dirs,
+    run_dlrun,
+    tree_hashes,
 )
 
 
@@ -45,7 +55,8 @@ def pipeline(trained_run, tmp_path_factory) -> Pipeline:
 
 @pytest.fixture(scope="session")
 def ptq_run(pipeline) -> tuple[Path, dict, dict]:
-    """`dlrun quantize mode=ptq backend=xnnpack` on the latest (only) train run: (run dir, source hashes before, after)."""
+    """`dlrun quantize mode=ptq backend=xnnpack` on the latest (only) train run:
+    (run dir, source hashes before, after)."""
     before = tree_hashes(pipeline.train_run)
     run = pipeline.new_run("quantize", "mode=ptq", "backend=xnnpack", "quantizer.calib_batches=4", *CHEAP_QUANTIZE)
     return run, before, tree_hashes(pipeline.train_run)

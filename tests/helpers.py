@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -53,14 +54,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def run_dlrun(args, cwd: Path, *, env: dict | None = None, timeout: float = 300, python_args=()) -> Result:
     proc = subprocess.run(
         [PYTHON, *python_args, "-m", "dlrun", *map(str, args)],
-        cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def error_line(result: Result, exit_code: int = 2, *needles: str) -> str:
     """Assert the run failed with `exit_code` and exactly one `error:` line (no traceback); return that line."""
-    assert result.returncode == exit_code, f"exit {result.returncode}, expected {exit_code}\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == exit_code, (
+        f"exit {result.returncode}, expected {exit_code}\n{result.stdout}\n{result.stderr}"
+    )
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
@@ -118,7 +125,11 @@ def copy_train_run(trained: TrainedRun, cwd: Path) -> Path:
 def tree_hashes(folder: Path) -> dict[str, str]:
     import hashlib
 
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @dataclass
@@ -135,3 +146,35 @@ class Pipeline:
         ok(self.run(command, *args))
         (added,) = set(run_dirs(self.cwd, command)) - before
         return added.resolve()
+
+
+def crash_hook(folder: Path, signal_name: str, at_batch: int) -> str:
+    """A PYTHONPATH whose sitecustomize makes the verification child (`python -m dlrun.deploy.verify_child`) kill
+    itself with `signal_name` on a batch of `at_batch`, as a runtime kernel writing out of bounds does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        textwrap.dedent(f"""
+        import sys
+
+        if "dlrun.deploy.verify_child" in sys.orig_argv:
+            import os
+            import signal
+
+            from dlrun.deploy import runtime
+
+            load_runner = runtime.load_runner
+
+            def crashing_runner(path):
+                run = load_runner(path)
+
+                def crash_on_batch(x):
+                    if len(x) == {at_batch}:
+                        os.kill(os.getpid(), signal.{signal_name})
+                    return run(x)
+
+                return crash_on_batch
+
+            runtime.load_runner = crashing_runner
+    """)
+    )
+    return str(folder)

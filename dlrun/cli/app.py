@@ -7,7 +7,6 @@ Heavy modules (torch, executorch) are imported only inside the job (dlrun.cli.di
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -48,9 +47,11 @@ def _global_options(
 def _hydra_command(name: str):
     def command(
         ctx: typer.Context,
-        overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+        overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
         multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep over comma-separated values."),
-        cfg: Optional[str] = typer.Option(None, "--cfg", "-c", help="Print the composed config (job|hydra|all), run nothing."),
+        cfg: str | None = typer.Option(
+            None, "--cfg", "-c", help="Print the composed config (job|hydra|all), run nothing."
+        ),
         verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     ):
         dispatch(COMMANDS[name], overrides or [], multirun, cfg, verbose or (ctx.obj or {}).get("verbose", False))
@@ -63,7 +64,7 @@ for _command in COMMANDS.values():
 
 
 @app.command(name="ls")
-def list_configs(group: Optional[str] = typer.Argument(None, help="Only this config group.")):
+def list_configs(group: str | None = typer.Argument(None, help="Only this config group.")):
     """List config groups and their options (e.g. [bold]dlrun ls model[/bold])."""
     from rich.table import Table
 
@@ -83,7 +84,7 @@ def list_configs(group: Optional[str] = typer.Argument(None, help="Only this con
                 table.add_row(name, option, compose.describe(name, option))
     ui.print_table(table, log=False)
     if group in ("quantizer", "export"):
-        from dlrun import capabilities
+        from dlrun.config import capabilities
 
         ui.print_table(capabilities.rich_table(group), log=False)
 

@@ -19,16 +19,50 @@ class Command:
         return f"dlrun.commands.{self.name}"
 
 
-COMMANDS = {command.name: command for command in (
-    Command("train", "Train a model: [bold]dlrun train model=resnet optimizer.lr=0.05[/bold] (resume with resume=RUN_DIR)."),
-    Command("eval", "Evaluate a checkpoint, quantized program or artifact: "
-                    "[bold]dlrun eval run=RUN_DIR[/bold] | ckpt=PATH | artifact=PATH."),
-    Command("quantize", "Quantize a trained model: [bold]dlrun quantize mode=qat backend=xnnpack[/bold] "
-                        "(modes: ptq, dynamic, qat, weight_only).",
-            aliases={"mode": "quantizer", "backend": "quantizer.backend"}),
-    Command("export", "Export and verify in its runtime: [bold]dlrun export format=pte backend=xnnpack[/bold] "
-                      "(formats: pte, pt2, onnx).",
-            aliases={"format": "export", "backend": "export.backend"}),
-    Command("bench", "Benchmark every variant of a run (eager, compiled, quantized, .pte, .onnx): "
-                     "[bold]dlrun bench run=RUN_DIR[/bold]."),
-)}
+COMMANDS = {
+    command.name: command
+    for command in (
+        Command(
+            "train",
+            "Train a model: [bold]dlrun train model=resnet optimizer.lr=0.05[/bold] (resume with resume=RUN_DIR).",
+        ),
+        Command(
+            "eval",
+            "Evaluate a checkpoint, quantized program or artifact: "
+            "[bold]dlrun eval run=RUN_DIR[/bold] | ckpt=PATH | artifact=PATH.",
+        ),
+        Command(
+            "quantize",
+            "Quantize a trained model: [bold]dlrun quantize mode=qat backend=xnnpack[/bold] "
+            "(modes: ptq, dynamic, qat, weight_only).",
+            aliases={"mode": "quantizer", "backend": "quantizer.backend"},
+        ),
+        Command(
+            "export",
+            "Export and verify in its runtime: [bold]dlrun export format=pte backend=xnnpack[/bold] "
+            "(formats: pte, pt2, onnx).",
+            aliases={"format": "export", "backend": "export.backend"},
+        ),
+        Command(
+            "bench",
+            "Benchmark every variant of a run (eager, compiled, quantized, .pte, .onnx): "
+            "[bold]dlrun bench run=RUN_DIR[/bold].",
+        ),
+        Command(
+            "distill",
+            "Train a small student on a teacher's outputs: [bold]dlrun distill teacher=RUN_DIR "
+            "model=lenet baseline=true[/bold] (resume with resume=RUN_DIR).",
+        ),
+        Command(
+            "prune",
+            "Prune channels in rounds of prune -> fine-tune: [bold]dlrun prune ratio=0.5 steps=2[/bold] "
+            "(method=structured|unstructured, importance=magnitude|taylor|bn_scale, flops_ratio=...).",
+            aliases={
+                "method": "pruner",
+                "importance": "pruner.importance",
+                "scope": "pruner.scope",
+                "flops_ratio": "pruner.flops_ratio",
+            },
+        ),
+    )
+}

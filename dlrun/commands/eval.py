@@ -3,6 +3,10 @@
     dlrun eval                       # the latest train run's best checkpoint
     dlrun eval run=outputs/quantize/2026-11-22_10-00-00
     dlrun eval artifact=outputs/export/2026-11-22_10-05-00/model.pte
+
+Two sizes, because a file size alone misleads: `weights_bytes` (the model's tensors: fp32 and int8
+compare like with like) and `file_bytes` (the evaluated file, which for a checkpoint also holds the
+optimizer's state and for a program its graph). A runtime artifact has only its file size.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import time
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from dlrun.core import contract, profiling, rundir, sources, ui
 from dlrun.training import env, evaluate
@@ -20,8 +25,9 @@ log = logging.getLogger("dlrun")
 
 def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
-    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, artifact=cfg.artifact, default=("train",),
-                             trusted=cfg.trust_targets)
+    source = sources.resolve(
+        run=cfg.run, ckpt=cfg.ckpt, artifact=cfg.artifact, default=("train",), trusted=cfg.trust_targets
+    )
     # Quantized programs and runtime artifacts run on the CPU they were made for.
     device = env.resolve_device(cfg.device) if source.kind == "checkpoint" else env.resolve_device("cpu")
     data = sources.load_data(source, device)
@@ -31,21 +37,36 @@ def run(cfg: DictConfig) -> None:
     batch_size = min(cfg.batch_size, source.max_batch or cfg.batch_size)
     test = evaluate.evaluate(predict, data.test, data, batch_size=batch_size, confusion=True)
     example = data.example()
-    fields = {
-        "size_bytes": source.path.stat().st_size,
-        "latency_ms": profiling.latency_ms(predict, example, repeats=cfg.latency_repeats),
-    }
-    if source.kind == "checkpoint":
-        fields["params"] = profiling.count_params(predict)
-        fields["flops"] = profiling.count_flops(predict, example)
-    run_dir = rundir.current()
-    contract.write_summary(
-        run_dir, "eval", OmegaConf.to_container(cfg, resolve=True),
-        metrics={"test": test}, kind=source.kind, evaluated=source.label,
-        source_run=rundir.relative(source.run_dir) if source.run_dir else None,
-        train_run=rundir.relative(source.train_run) if source.train_run else None,
-        source_config=source.config, wall_s=time.perf_counter() - started, **fields,
+    record = contract.EvalRecord(
+        kind=source.kind,
+        evaluated=source.label,
+        file_bytes=source.path.stat().st_size,
+        weights_bytes=profiling.tensor_bytes(predict) if isinstance(predict, nn.Module) else None,
     )
-    extra = {"size_bytes": fields["size_bytes"], "latency_ms_p50": fields["latency_ms"]["p50"],
-             **{k: fields[k] for k in ("params", "flops") if k in fields}}
-    ui.metrics_table(f"eval {source.label}", {"test": {**test, **extra}})
+    extra = {"latency_ms": profiling.latency_ms(predict, example, repeats=cfg.latency_repeats)}
+    if source.kind == "checkpoint":
+        extra["params"] = profiling.count_params(predict)
+        extra["flops"] = profiling.count_flops(predict, example)
+    contract.write_summary(
+        rundir.current(),
+        contract.Summary(
+            "eval",
+            OmegaConf.to_container(cfg, resolve=True),
+            wall_s=time.perf_counter() - started,
+            record=record,
+            metrics={"test": test},
+            lineage=source.lineage,
+            extra=extra,
+        ),
+    )
+    shown = {
+        "weights_bytes": record.weights_bytes,
+        "file_bytes": record.file_bytes,
+        "latency_ms_p50": extra["latency_ms"]["p50"],
+        "params": extra.get("params"),
+        "flops": extra.get("flops"),
+    }
+    ui.metrics_table(
+        f"eval of the {source.kind} (test split)",
+        {"test": {**test, **{k: v for k, v in shown.items() if v is not None}}},
+    )

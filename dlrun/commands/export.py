@@ -6,8 +6,9 @@
     dlrun export format=onnx                  # verified in onnxruntime
 
 Every export is verified: the artifact is loaded in its runtime (executorch.runtime, onnxruntime,
-torch.export.load), run on test samples at batch 1 and >1, and compared with the eager source model.
-Agreement below the threshold fails the command (exit 1); the numbers land in summary.json either way.
+torch.export.load) in a child process, run on test samples at batch 1, a middle size and max_batch, and
+compared with the eager source model. Agreement below the threshold, or a runtime that crashes or fails,
+fails the command (exit 1); summary.json records the verdict and its reason either way.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun import exporting, rundir, sources, ui
-from dlrun.errors import DlrunError, UsageError
+from dlrun.config import capabilities
+from dlrun.core import contract, rundir, sources, ui
+from dlrun.core.errors import DlrunError, UsageError
+from dlrun.deploy import lower, runtime
+from dlrun.deploy.parity import check_parity, verification_batch_sizes
+from dlrun.deploy.program import export_program
 
 log = logging.getLogger("dlrun")
 # Default pass marks (export.min_agreement / export.max_relative_diff override them). Top-1 agreement alone
@@ -37,7 +42,7 @@ def run(cfg: DictConfig) -> None:
         raise UsageError(f"{source.label} is already an exported artifact; export from a train or quantize run")
     kind = source_kind(source)
     try:
-        exporting.check_export_supported(e.format, e.backend, kind)
+        capabilities.check_export_supported(e.format, e.backend, kind)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     run_dir = rundir.current()
@@ -50,45 +55,70 @@ def run(cfg: DictConfig) -> None:
 
     try:
         if e.format == "onnx":
-            result = exporting.to_onnx(module, example, artifact, dynamic_batch=e.dynamic_batch, max_batch=e.max_batch)
+            result = lower.to_onnx(module, example, artifact, dynamic_batch=e.dynamic_batch, max_batch=e.max_batch)
         else:
-            program = exporting.export_program(module, example, dynamic_batch=e.dynamic_batch, max_batch=e.max_batch)
-            result = exporting.to_pte(program, artifact, backend=e.backend) if e.format == "pte" else exporting.to_pt2(program, artifact)
-        runner = exporting.load_runner(artifact)
+            program = export_program(module, example, dynamic_batch=e.dynamic_batch, max_batch=e.max_batch)
+            result = (
+                lower.to_pte(program, artifact, backend=e.backend)
+                if e.format == "pte"
+                else lower.to_pt2(program, artifact)
+            )
     except ValueError as exc:
         raise DlrunError(f"export failed: {str(exc).splitlines()[0]}") from None
     except ImportError as exc:  # an optional runtime (onnx, onnxruntime) is missing: the message says what to install
         raise DlrunError(str(exc)) from None
 
     x, y = _test_samples(data, e.verify_samples)
-    batch_sizes = (1, min(32, e.max_batch)) if e.dynamic_batch else (1,)
-    parity = exporting.check_parity(module, runner, x, y, batch_sizes=batch_sizes, classification=data.task == "classification")
-    verdict, problem = _verdict(parity, kind, e)
-
-    rundir.write_summary(
-        run_dir, "export", OmegaConf.to_container(cfg, resolve=True),
-        format=e.format, backend=e.backend, source_kind=kind, artifact=rundir.relative(artifact),
-        size_bytes=result.size_bytes, delegation={"delegated_nodes": result.delegated_nodes,
-                                                  "portable_nodes": result.portable_nodes, **(result.delegation or {})},
-        verification={**parity.__dict__, "passed": verdict}, metrics={"test": {"accuracy": parity.accuracy}},
-        source_run=rundir.relative(source.run_dir) if source.run_dir else None,
-        train_run=rundir.relative(source.train_run) if source.train_run else None,
-        source_config=source.config, wall_s=time.perf_counter() - started,
+    batch_sizes = verification_batch_sizes(e.max_batch) if e.dynamic_batch else [1]
+    parity, verification = _verify(artifact, module, x, y, batch_sizes, kind, e, data.task == "classification")
+    record = contract.ExportRecord(
+        format=e.format,
+        backend=e.backend,
+        source_kind=kind,
+        artifact=rundir.relative(artifact),
+        size_bytes=result.size_bytes,
+        max_batch=e.max_batch,
+        dynamic_batch=e.dynamic_batch,
+        verification=verification,
     )
-    shown = {"size_bytes": result.size_bytes, **{k: v for k, v in parity.__dict__.items() if v is not None and k != "batch_sizes"}}
-    if result.delegated_nodes is not None:
-        shown.update(delegated_nodes=result.delegated_nodes, portable_nodes=result.portable_nodes)
-    ui.metrics_table(f"{rundir.relative(artifact)} verified in its runtime vs the eager source", {"artifact": shown})
-    if not verdict:
-        raise DlrunError(f"verification failed: {problem} ({rundir.relative(artifact)} kept for inspection)")
+    contract.write_summary(
+        run_dir,
+        contract.Summary(
+            "export",
+            OmegaConf.to_container(cfg, resolve=True),
+            wall_s=time.perf_counter() - started,
+            record=record,
+            metrics={"test": {"accuracy": verification.accuracy, "samples": verification.samples}},
+            lineage=source.lineage,
+            extra={
+                "delegation": {
+                    "delegated_nodes": result.delegated_nodes,
+                    "portable_nodes": result.portable_nodes,
+                    **(result.delegation or {}),
+                }
+            },
+        ),
+    )
+    if parity is not None:  # a runtime that died before the comparison has no numbers to show
+        shown = {
+            "size_bytes": result.size_bytes,
+            **{k: v for k, v in parity.__dict__.items() if v is not None and k != "batch_sizes"},
+        }
+        if result.delegated_nodes is not None:
+            shown.update(delegated_nodes=result.delegated_nodes, portable_nodes=result.portable_nodes)
+        outcome = "verified" if verification.passed else "FAILED verification"
+        ui.metrics_table(f"{artifact.name} {outcome} in its runtime vs the eager source", {"artifact": shown})
+    if not verification.passed:
+        kept = f"{rundir.relative(artifact)} kept for inspection"
+        raise DlrunError(f"verification failed: {verification.reason} ({kept})")
 
 
 def source_kind(source: sources.Source) -> str:
-    """fp32 checkpoint, or which kind of quantized program (see exporting.SOURCE_KINDS)."""
+    """fp32 checkpoint, or which kind of quantized program (see capabilities.SOURCE_KINDS)."""
     if source.kind == "checkpoint":
         return "fp32"
-    summary = rundir.read_json(source.run_dir / rundir.SUMMARY)
-    return exporting.quantized_source_kind(summary["mode"], summary["backend"], summary.get("dtype") or "int8")
+    quantized = contract.read_summary(source.run_dir, "quantize").record
+    return capabilities.quantized_source_kind(quantized.mode, quantized.backend, quantized.dtype or "int8")
 
 
 def _test_samples(data, n: int):
@@ -102,6 +132,24 @@ def _test_samples(data, n: int):
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
+def _verify(artifact, module, x, y, batch_sizes: list[int], kind: str, e, classification: bool):
+    """(parity, contract.Verification) of the artifact run in a child process against the eager module.
+
+    In the child, a runtime crash (SIGSEGV, or SIGABRT from a heap it corrupted) fails the verification with its
+    reason instead of killing dlrun; parity is then None, and the record compares nothing (samples 0)."""
+    try:
+        with runtime.isolated_runner(artifact) as runner:
+            parity = check_parity(module, runner, x, y, batch_sizes=batch_sizes, classification=classification)
+    except ImportError as exc:  # the artifact's runtime package is missing: the message says what to install
+        raise DlrunError(str(exc)) from None
+    except runtime.ArtifactRunError as exc:  # it does not load, or its runtime crashed or failed on a batch
+        return None, contract.Verification(
+            passed=False, samples=0, max_abs_diff=0.0, relative_diff=0.0, batch_sizes=batch_sizes, reason=str(exc)
+        )
+    passed, reason = _verdict(parity, kind, e)
+    return parity, contract.Verification(passed=passed, reason=reason, **parity.__dict__)
+
+
 def _verdict(parity, kind: str, e) -> tuple[bool, str]:
     precision = "fp32" if kind == "fp32" else "int8"
     min_agreement = e.min_agreement if e.min_agreement is not None else MIN_AGREEMENT[precision]
@@ -109,5 +157,9 @@ def _verdict(parity, kind: str, e) -> tuple[bool, str]:
     if parity.top1_agreement is not None and parity.top1_agreement < min_agreement:
         return False, f"top-1 agreement {parity.top1_agreement:.4f} < {min_agreement} with the eager model"
     if parity.relative_diff > max_relative:
-        return False, f"max output difference {parity.relative_diff:.3g} of the output range > {max_relative} with the eager model"
+        return (
+            False,
+            f"max output difference {parity.relative_diff:.3g} of the output range > {max_relative} "
+            "with the eager model",
+        )
     return True, ""

@@ -15,19 +15,19 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dlrun.compression import quantization
-from dlrun.core import contract, files, profiling, rundir, sources, ui
+from dlrun.config import capabilities
+from dlrun.core import contract, profiling, rundir, sources, ui
 from dlrun.core.errors import UsageError
-from dlrun.training import env, evaluate, loop
+from dlrun.deploy.program import export_program, load_program, save_program
+from dlrun.training import callbacks, env, evaluate, loop, schedulers
 
 log = logging.getLogger("dlrun")
 
@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
     q = cfg.quantizer
     try:
-        quantization.check_supported(q.mode, q.backend)
+        capabilities.check_supported(q.mode, q.backend)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if q.mode == "ptq" and q.calib_batches < 1:  # before loading anything
@@ -50,37 +50,64 @@ def run(cfg: DictConfig) -> None:
     fp32 = sources.load_model(source, cpu)
     _check_exclude(fp32, list(q.exclude))
     example = data.example(batch=2)
-    log.info(f"quantize {source.label}: mode={q.mode} backend={q.backend} ({len(data.train)} train / {len(data.test)} test samples)")
+    log.info(
+        f"quantize {source.label}: mode={q.mode} backend={q.backend} "
+        f"({len(data.train)} train / {len(data.test)} test samples)"
+    )
 
     qat_rows: list[dict] = []
     if q.mode == "ptq":
-        quantized = _convert(lambda: quantization.quantize_ptq(
-            fp32, example, _calibration(data, q), backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
+        quantized = _convert(
+            lambda: quantization.quantize_ptq(
+                fp32,
+                example,
+                _calibration(data, q),
+                backend=q.backend,
+                per_channel=q.per_channel,
+                exclude=list(q.exclude),
+            )
+        )
     elif q.mode == "dynamic":
-        quantized = _convert(lambda: quantization.quantize_dynamic(
-            fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
+        quantized = _convert(
+            lambda: quantization.quantize_dynamic(
+                fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)
+            )
+        )
     elif q.mode == "qat":
         quantized, qat_rows = _quantization_aware_training(cfg, source, fp32, data, example)
     else:
-        quantized = _convert(lambda: quantization.quantize_weight_only(
-            fp32, dtype=q.dtype, group_size=q.group_size, exclude=list(q.exclude)))
+        quantized = _convert(
+            lambda: quantization.quantize_weight_only(
+                fp32, dtype=q.dtype, group_size=q.group_size, exclude=list(q.exclude)
+            )
+        )
 
     program = run_dir / sources.QUANTIZED_PROGRAM
-    quantization.save_program(quantized, example, program)
-    quantized = quantization.load_program(program)  # measure exactly what later commands will load
+    save_program(quantized, example, program)
+    quantized = load_program(program)  # measure exactly what later commands will load
 
     report = _compare(fp32, quantized, program, data, example, cfg)
     contract.write_summary(
-        run_dir, "quantize", OmegaConf.to_container(cfg, resolve=True),
-        metrics={"test": report["quantized"], "fp32": report["fp32"]},
-        comparison=report["comparison"], mode=q.mode, backend=q.backend, dtype=q.get("dtype"),
-        program=rundir.relative(program), size_bytes=program.stat().st_size,
-        qat_epochs=qat_rows, source_run=rundir.relative(source.run_dir) if source.run_dir else None,
-        train_run=rundir.relative(source.train_run) if source.train_run else None,
-        source_config=source.config, wall_s=time.perf_counter() - started,
+        run_dir,
+        contract.Summary(
+            "quantize",
+            OmegaConf.to_container(cfg, resolve=True),
+            wall_s=time.perf_counter() - started,
+            metrics={"test": report["quantized"], "fp32": report["fp32"]},
+            lineage=source.lineage,
+            record=contract.QuantizeRecord(
+                mode=q.mode,
+                backend=q.backend,
+                dtype=q.get("dtype"),
+                program=rundir.relative(program),
+                size_bytes=program.stat().st_size,
+            ),
+            extra={"comparison": report["comparison"], "qat_epochs": qat_rows},
+        ),
     )
-    ui.metrics_table(f"{q.mode} ({q.backend}) vs fp32 on the test split",
-                     {"fp32": report["fp32"], "int8": report["quantized"]})
+    ui.metrics_table(
+        f"{q.mode} ({q.backend}) vs fp32 on the test split", {"fp32": report["fp32"], "int8": report["quantized"]}
+    )
     comparison = report["comparison"]
     log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in comparison.items()))
 
@@ -98,7 +125,10 @@ def _check_exclude(model: torch.nn.Module, names: list[str]) -> None:
     for name in names:
         if name not in modules:
             near = difflib.get_close_matches(name, modules, n=3)
-            raise UsageError(f"quantizer.exclude: the model has no module '{name}'" + (f"; did you mean {', '.join(near)}?" if near else ""))
+            raise UsageError(
+                f"quantizer.exclude: the model has no module '{name}'"
+                + (f"; did you mean {', '.join(near)}?" if near else "")
+            )
 
 
 def _calibration(data, q):
@@ -118,23 +148,35 @@ def _quantization_aware_training(cfg, source, fp32, data, example):
     batch_size = q.batch_size or train_cfg.trainer.batch_size
     seed = train_cfg.trainer.seed
     env.seed_everything(seed, False)
-    prepared = _convert(lambda: quantization.prepare_qat(  # on a copy: the exported graph shares fp32's parameters
-        copy.deepcopy(fp32), example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)))
-    optimizer = instantiate(opt_cfg, lr=opt_cfg.lr * q.lr_scale)(prepared.parameters())
-    steps = math.ceil(len(data.train) / batch_size)
-    scheduler = instantiate(sched_cfg)(optimizer, total_steps=steps * q.epochs, steps_per_epoch=steps)
-    loss_fn = evaluate.loss_function(data.task)
-    metric, _ = evaluate.monitor(data.task)
-    rows = []
-    for epoch in range(1, q.epochs + 1):
-        quantization.set_qat_phase(prepared, observers=epoch <= q.disable_observers_after, bn_stats=epoch <= q.freeze_bn_after)
-        stats = loop.train_epoch(prepared, data, optimizer, scheduler, loss_fn, epoch=epoch, batch_size=batch_size, seed=seed)
-        prepared.eval()
-        val = evaluate.evaluate(prepared, data.val, data)
-        rows.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val["loss"], f"val_{metric}": val[metric],
-                     "lr": optimizer.param_groups[0]["lr"], "seconds": stats.seconds})
-        log.info(f"qat epoch {epoch}/{q.epochs}  train_loss {stats.loss:.4f}  val_{metric} {val[metric]:.4f}  {stats.seconds:.2f}s")
-        files.write_rows(rundir.current(), "metrics", rows)  # metrics.csv/.jsonl, one row per epoch as in train
+    prepared = _convert(
+        lambda: quantization.prepare_qat(  # on a copy: the exported graph shares fp32's parameters
+            copy.deepcopy(fp32), example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)
+        )
+    )
+    optimizer, scheduler = schedulers.build_optimization(
+        opt_cfg,
+        sched_cfg,
+        prepared.parameters(),
+        train_size=len(data.train),
+        batch_size=batch_size,
+        epochs=q.epochs,
+        lr_scale=q.lr_scale,
+    )
+    qat = loop.Loop(
+        prepared,
+        data,
+        optimizer,
+        scheduler,
+        evaluate.loss_function(data.task),
+        loop.FitConfig(epochs=q.epochs, batch_size=batch_size, seed=seed, nan_advice="Lower quantizer.lr_scale"),
+        callbacks=[
+            callbacks.MetricsWriter(rundir.current()),
+            callbacks.EpochLog(prefix="qat "),
+            quantization.QATPhase(q.disable_observers_after, q.freeze_bn_after),
+        ],
+        set_mode=quantization.set_qat_mode,  # an exported graph refuses .train()/.eval()
+    )
+    rows = qat.fit().rows  # the metric rows of train, in metrics.csv/.jsonl as train writes them
     return quantization.convert_qat(prepared), rows
 
 
@@ -145,24 +187,32 @@ def _compare(fp32, quantized, program: Path, data, example, cfg) -> dict:
     int8_metrics = evaluate.evaluate(quantized, data.test, data, reference=fp32)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_program = Path(tmp) / "fp32.pt2"  # fp32 serialized the same way, for a like-for-like file size
-        quantization.save_program(fp32, example, fp32_program)
+        save_program(fp32, example, fp32_program)
         fp32_metrics["program_bytes"] = fp32_program.stat().st_size
         int8_metrics["program_bytes"] = program.stat().st_size
-        runtime, fp32_fn, int8_fn = _deployed(cfg.quantizer.backend, fp32, quantized, data, Path(tmp), cfg.throughput_batch)
+        runtime, fp32_fn, int8_fn = _deployed(
+            cfg.quantizer.backend, fp32, quantized, data, Path(tmp), cfg.throughput_batch
+        )
         for metrics, model, fn in ((fp32_metrics, fp32, fp32_fn), (int8_metrics, quantized, int8_fn)):
             metrics["weights_bytes"] = profiling.tensor_bytes(model)
             metrics["latency_ms_p50"] = profiling.latency_ms(fn, example, repeats=cfg.latency_repeats)["p50"]
-            metrics[f"throughput_b{cfg.throughput_batch}"] = profiling.throughput(fn, example, batch=cfg.throughput_batch)
+            metrics[f"throughput_b{cfg.throughput_batch}"] = profiling.throughput(
+                fn, example, batch=cfg.throughput_batch
+            )
     # Signed so that a positive number is quality lost: accuracy down, or (regression) error up.
-    quality = ({"accuracy_drop": fp32_metrics["accuracy"] - int8_metrics["accuracy"]} if data.task == "classification"
-               else {"mse_increase": int8_metrics["mse"] - fp32_metrics["mse"]})
+    quality = (
+        {"accuracy_drop": fp32_metrics["accuracy"] - int8_metrics["accuracy"]}
+        if data.task == "classification"
+        else {"mse_increase": int8_metrics["mse"] - fp32_metrics["mse"]}
+    )
     comparison = {
         "runtime": runtime,
         **quality,
         "size_ratio": int8_metrics["weights_bytes"] / fp32_metrics["weights_bytes"],
         "program_size_ratio": int8_metrics["program_bytes"] / fp32_metrics["program_bytes"],
         "latency_speedup": fp32_metrics["latency_ms_p50"] / int8_metrics["latency_ms_p50"],
-        "throughput_speedup": int8_metrics[f"throughput_b{cfg.throughput_batch}"] / fp32_metrics[f"throughput_b{cfg.throughput_batch}"],
+        "throughput_speedup": int8_metrics[f"throughput_b{cfg.throughput_batch}"]
+        / fp32_metrics[f"throughput_b{cfg.throughput_batch}"],
     }
     if "top1_agreement" in int8_metrics:
         comparison["top1_agreement"] = int8_metrics["top1_agreement"]
@@ -173,14 +223,14 @@ def _compare(fp32, quantized, program: Path, data, example, cfg) -> dict:
 def _deployed(backend: str, fp32, quantized, data, tmp: Path, max_batch: int):
     """(runtime label, fp32 callable, int8 callable) as each backend deploys them."""
     if backend == "xnnpack":  # both lowered to ExecuTorch with the XNNPACK delegate, run by executorch.runtime
-        from dlrun import exporting
+        from dlrun.deploy import lower, runtime
 
         example = data.example(batch=min(32, max_batch))  # lowering needs a batch >= 16 to keep the batch dynamic
         runners = []
         for name, module in (("fp32", fp32), ("int8", quantized)):
-            program = exporting.export_program(module, example, dynamic_batch=True, max_batch=max_batch)
-            exporting.to_pte(program, tmp / f"{name}.pte", backend="xnnpack")
-            runners.append(exporting.load_runner(tmp / f"{name}.pte"))
+            program = export_program(module, example, dynamic_batch=True, max_batch=max_batch)
+            lower.to_pte(program, tmp / f"{name}.pte", backend="xnnpack")
+            runners.append(runtime.load_runner(tmp / f"{name}.pte"))
         return "executorch xnnpack .pte", *runners
     if backend == "x86_inductor":  # inductor fuses the quantize/dequantize pairs into int8 kernels
         return "torch.compile (inductor)", torch.compile(fp32), torch.compile(quantized)

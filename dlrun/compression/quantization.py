@@ -3,7 +3,8 @@
 PT2E modes (ptq, dynamic, qat) export the model with a dynamic batch dimension, annotate the graph with a
 backend quantizer, observe (calibrate or train) and convert to a graph of quantize/dequantize ops around
 float ops that the backend fuses into int8 kernels. weight_only swaps the weights of eager nn.Linear
-layers for torchao quantized tensors instead. Either result is saved as a `torch.export` program (`save_program`).
+layers for torchao quantized tensors instead. Either result is saved as a `torch.export` program
+(dlrun.deploy.program.save_program).
 
 torchao and executorch are imported inside the functions: importing them costs seconds, and importing
 X86InductorQuantizer registers Inductor passes globally.
@@ -11,104 +12,18 @@ X86InductorQuantizer registers Inductor passes globally.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
-import os
-import re
-import traceback
-import types
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from dlrun.capabilities import (  # noqa: F401  (re-exported)
-    BACKENDS,
-    CAPABILITIES,
-    MODES,
-    capability_rows,
-    check_supported,
-)
+from dlrun.config.capabilities import check_supported
+from dlrun.deploy.program import export_program
+from dlrun.training.loop import Callback
 
 WEIGHT_ONLY_DTYPES = ("int8", "int4", "int8_dynamic")
-_BN_FROZEN = "dlrun_bn_frozen"  # key in a QAT graph's .meta: keep BN statistics frozen across .train()
-
-
-# --- export -------------------------------------------------------------------------------------------
-
-
-def export_for_quantization(
-    model: nn.Module, example: torch.Tensor, *, strict: bool = False, max_batch: int = 1024
-) -> torch.fx.GraphModule:
-    """The model as an ATen graph whose batch dimension stays dynamic (1..max_batch), in the model's current mode."""
-    return _export_program(model, example, strict=strict, max_batch=max_batch).module()
-
-
-def _export_program(
-    model: nn.Module, example: torch.Tensor, *, strict: bool, max_batch: int
-) -> torch.export.ExportedProgram:
-    # A copy: torch.export stores the example in the program, and a view would drag its whole dataset along.
-    # An example of batch 1 makes export specialize the batch dimension to 1.
-    example = torch.cat([example, example]) if example.shape[0] < 2 else example.clone()
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    try:
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=strict)
-    except Exception as error:
-        raise ValueError(_export_failure(model, error)) from error
-
-
-def _export_failure(model: nn.Module, error: Exception) -> str:
-    """One line: why export failed and, when it can be found, in which submodule's forward."""
-    text = str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if "specialized it to be a constant" in text:
-        reason = "the model fixes the batch size (e.g. a reshape to a constant batch); it must accept any batch"
-    elif type(error).__name__ == "GuardOnDataDependentSymNode":
-        reason = "data-dependent control flow (a Python branch, int() or .item() on a tensor value)"
-    else:
-        reason = lines[0] if lines else type(error).__name__
-    where = _failing_module(model, error)
-    return f"cannot export {type(model).__name__} with a dynamic batch: {reason}" + (f" ({where})" if where else "")
-
-
-def _failing_module(model: nn.Module, error: Exception) -> str:
-    """Match the innermost user-code location of the error against the submodules' forward methods.
-
-    Non-strict export runs the real Python code, so the traceback has the location; strict export
-    (TorchDynamo) only quotes it in the message.
-    """
-    locations = [(frame.filename, frame.lineno) for frame in traceback.extract_tb(error.__traceback__)]
-    locations += [(file, int(line)) for file, line in re.findall(r'File "([^"]+)", line (\d+)', str(error))]
-    forwards: dict[tuple[str, int], list[str]] = {}
-    for name, module in model.named_modules():
-        code = getattr(type(module).forward, "__code__", None)
-        if code is None:
-            continue
-        for _, _, line in code.co_lines():
-            names = forwards.setdefault((code.co_filename, line), [])
-            if name not in names:
-                names.append(name)
-    for file, line in reversed(locations):
-        if (file, line) in forwards:
-            names = forwards[(file, line)]
-            module = model.get_submodule(names[0])
-            shown = ", ".join(repr(n or "<root>") for n in names[:3]) + (", ..." if len(names) > 3 else "")
-            return f"in {type(module).__name__}.forward, {os.path.basename(file)}:{line}, module {shown}"
-    return ""
-
-
-@contextlib.contextmanager
-def _mode(model: nn.Module, *, training: bool) -> Iterator[None]:
-    """Export sees BatchNorm/Dropout in the requested mode; the caller's model gets its own mode back."""
-    was_training = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was_training)
+_BN_FROZEN = "dlrun_bn_frozen"  # key in a QAT graph's .meta: BN statistics stay frozen across set_qat_mode
 
 
 # --- PT2E quantizers ------------------------------------------------------------------------------------
@@ -163,10 +78,11 @@ def _check_module_names(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def _pt2e_export(model: nn.Module, example: torch.Tensor, backend: str, *, training: bool) -> torch.fx.GraphModule:
+    """The model as an ATen graph with a dynamic batch, in train mode for QAT, to annotate with a quantizer."""
     # X86InductorQuantizer fails on a non-strict export of a model that calls one ReLU module twice
     # (torchvision ResNet): "Input partition has more than one output node". Strict export works.
-    with _mode(model, training=training):
-        return export_for_quantization(model, example, strict=backend == "x86_inductor")
+    program = export_program(model, example, max_batch=1024, strict=backend == "x86_inductor", training=training)
+    return program.module()
 
 
 def _convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -251,8 +167,8 @@ def prepare_qat(
 ) -> torch.fx.GraphModule:
     """A fake-quantized graph to fine-tune with any optimizer; finish with `convert_qat`.
 
-    The graph is in train mode. Unlike a plain exported graph it accepts `.train()` / `.eval()` (which
-    swap BatchNorm/Dropout between batch and running statistics), so generic training loops work.
+    The graph is in train mode. Like every exported graph it refuses `.train()` / `.eval()`: switch it with
+    `set_qat_mode` (what a training loop's `set_mode` hook is for).
     """
     check_supported("qat", backend)
     _check_module_names(model, exclude)
@@ -261,33 +177,24 @@ def prepare_qat(
     quantizer = make_quantizer(backend, per_channel=per_channel, is_qat=True, exclude=exclude)
     # Exported in train mode so BatchNorm keeps batch statistics and prepare can fuse conv+BN for QAT.
     prepared = prepare_qat_pt2e(_pt2e_export(model, example, backend, training=True), quantizer)
-    _route_train_eval(prepared)
-    prepared.train()
+    set_qat_mode(prepared, True)
     return prepared
 
 
-def _route_train_eval(prepared: torch.fx.GraphModule) -> None:
-    """Exported graphs raise on .train()/.eval(); send them to torchao's graph rewrites instead, and
-    re-apply a BN freeze from `set_qat_phase`, which torchao's train rewrite would undo."""
+def set_qat_mode(prepared: torch.fx.GraphModule, training: bool) -> None:
+    """`.train(training)` for a QAT graph: torchao's graph rewrites swap BatchNorm/Dropout between batch and
+    running statistics; a BN freeze from `set_qat_phase`, which torchao's train rewrite would undo, is re-applied."""
     from torchao.quantization.pt2e import (
         move_exported_model_to_eval,
         move_exported_model_to_train,
     )
 
-    def train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
-        if mode:
-            move_exported_model_to_train(self)
-            _set_batch_norm_training(self, not self.meta.get(_BN_FROZEN, False))
-        else:
-            move_exported_model_to_eval(self)
-        self.training = mode
-        return self
-
-    def to_eval(self: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        return self.train(False)
-
-    prepared.train = types.MethodType(train, prepared)
-    prepared.eval = types.MethodType(to_eval, prepared)
+    if training:
+        move_exported_model_to_train(prepared)
+        _set_batch_norm_training(prepared, not prepared.meta.get(_BN_FROZEN, False))
+    else:
+        move_exported_model_to_eval(prepared)
+    prepared.training = training
 
 
 def _set_batch_norm_training(graph_module: torch.fx.GraphModule, training: bool) -> None:
@@ -306,7 +213,7 @@ def set_qat_phase(prepared: torch.fx.GraphModule, *, observers: bool, bn_stats: 
 
     prepared.apply(enable_observer if observers else disable_observer)
     prepared.meta[_BN_FROZEN] = not bn_stats
-    if prepared.training:  # in eval mode BN already uses running statistics; .train() applies the freeze
+    if prepared.training:  # in eval mode BN already uses running statistics; set_qat_mode applies the freeze
         _set_batch_norm_training(prepared, bn_stats)
 
 
@@ -316,6 +223,20 @@ def convert_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     move_exported_model_to_eval(prepared)
     return _convert(prepared)
+
+
+class QATPhase(Callback):
+    """Late in QAT, freeze the quantization ranges and then the BatchNorm statistics (set_qat_phase),
+    so the last epochs train against what convert will use."""
+
+    def __init__(self, disable_observers_after: int, freeze_bn_after: int):
+        self.disable_observers_after = disable_observers_after
+        self.freeze_bn_after = freeze_bn_after
+
+    def on_epoch_start(self, loop, epoch: int) -> None:
+        set_qat_phase(
+            loop.model, observers=epoch <= self.disable_observers_after, bn_stats=epoch <= self.freeze_bn_after
+        )
 
 
 # --- weight-only (torchao quantize_) --------------------------------------------------------------------
@@ -370,58 +291,3 @@ def _weight_only_config(dtype: str, group_size: int):
         # int4 value in an int8, so it is finer-grained than int8 but not smaller on disk.
         return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
     return Int8DynamicActivationInt8WeightConfig()
-
-
-# --- programs on disk -------------------------------------------------------------------------------------
-
-
-def save_program(
-    gm_or_module: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, max_batch: int = 1024
-) -> None:
-    """Save a quantized graph (or a weight-only module) as a torch.export program with a dynamic batch.
-
-    Written atomically (temp file + rename), so `path` never holds half a program.
-    """
-    from dlrun.exporting import strip_source_locations
-    from dlrun.core.files import atomic_write_bytes
-
-    program = strip_source_locations(_export_program(gm_or_module, example, strict=False, max_batch=max_batch))
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-
-
-def load_program(path: str | os.PathLike) -> nn.Module:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no saved program at {path}")
-    import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops the program calls
-
-    try:
-        with quiet_export_log():
-            return torch.export.load(path).module()
-    except Exception as error:
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ValueError(f"cannot load program {path}: {reason}") from error
-
-
-@contextlib.contextmanager
-def quiet_export_log() -> Iterator[None]:
-    """On a corrupt file torch.export.load logs the traceback through its own stderr handler before raising;
-    callers turn the error into one line, so the log would only bury it."""
-    logger = logging.getLogger("torch.export")
-    disabled, logger.disabled = logger.disabled, True
-    try:
-        yield
-    finally:
-        logger.disabled = disabled
-
-
-def serialized_size(path_or_module: str | os.PathLike | nn.Module) -> int:
-    """Bytes on disk of a saved file, or of a module's state_dict as torch.save writes it."""
-    if isinstance(path_or_module, nn.Module):
-        buffer = io.BytesIO()
-        torch.save(path_or_module.state_dict(), buffer)
-        return buffer.getbuffer().nbytes
-    return os.path.getsize(path_or_module)

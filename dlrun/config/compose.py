@@ -3,6 +3,7 @@ Hydra's compose and instantiate with their errors turned into one line."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from dlrun.core.errors import UsageError
@@ -45,6 +46,22 @@ def expand_aliases(overrides: list[str], aliases: dict[str, str]) -> list[str]:
     return expanded
 
 
+# Hydra's lexer takes only ASCII in an unquoted value, so `name=café` or `run=outputs/train/..._café` (run names keep
+# letters of any script) would be syntax errors. Such a value is quoted for the user when it holds none of the
+# characters that are override syntax, so quoting cannot change what it means.
+_OVERRIDE_SYNTAX = re.compile(r"[\s,\[\]{}()'\"$\\=]")
+
+
+def quote_non_ascii(overrides: list[str]) -> list[str]:
+    """`name=café` -> `name='café'`: a plain value with non-ASCII characters, quoted as Hydra needs it."""
+    quoted = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        plain = sep and value and not value.isascii() and not _OVERRIDE_SYNTAX.search(value)
+        quoted.append(f"{key}={quote(value)}" if plain else item)
+    return quoted
+
+
 def quote(value: str) -> str:
     """Quote a value (e.g. a path) for a Hydra override."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -77,7 +94,10 @@ def instantiate(node, what: str):
         cause = exc.__cause__
         if isinstance(cause, DlrunError):
             raise cause from None
-        raise DlrunError(f"cannot build {what} {node.get('_target_')}: {cause or exc}") from None
+        message = f"cannot build {what} {node.get('_target_')}: {cause or exc}"
+        if isinstance(cause, (TypeError, ValueError)):  # the builder refused the config's arguments (+model.foo=1)
+            raise UsageError(message) from None
+        raise DlrunError(message) from None
 
 
 def one_line(exc: BaseException) -> str:

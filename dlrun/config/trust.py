@@ -34,7 +34,9 @@ def builtin_targets() -> frozenset[str]:
 
 def targets_in_overrides(overrides: list[str]) -> list[str]:
     """The `_target_` values the user typed (`model._target_=my_pkg.Net`): trusted because the user chose them."""
-    return [o.partition("=")[2].strip("'\"") for o in overrides if o.partition("=")[0].lstrip("+~").endswith("._target_")]
+    return [
+        o.partition("=")[2].strip("'\"") for o in overrides if o.partition("=")[0].lstrip("+~").endswith("._target_")
+    ]
 
 
 def check_targets(config: dict, where: str, trusted=(), *, stored: bool = True) -> None:
@@ -47,8 +49,10 @@ def check_targets(config: dict, where: str, trusted=(), *, stored: bool = True) 
     allowed = builtin_targets() | {str(t) for t in trusted}
 
     def refuse(path: str, why: str):
-        raise UsageError(f"refusing the config in {where}: {path} {why}; dlrun rebuilds models only from its own builders "
-                         "(a target you trust: add trust_targets=[module.Name])")
+        raise UsageError(
+            f"refusing the config in {where}: {path} {why}; dlrun rebuilds models only from its own builders "
+            "(a target you trust: add trust_targets=[module.Name])"
+        )
 
     def walk(node, path: str, depth: int) -> None:
         if isinstance(node, dict):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dlrun.config.compose import compose, groups, one_line
 from dlrun.core.errors import UsageError
@@ -23,7 +24,7 @@ def validate(command: str, overrides: list[str]):
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
-        raise UsageError(f"invalid override: {one_line(exc)}") from None
+        raise UsageError(f"invalid override: {one_line(exc)}{_quoting_hint(overrides)}") from None
 
     options = groups()
     selections, settings = [], []
@@ -41,14 +42,33 @@ def validate(command: str, overrides: list[str]):
         else:
             settings.append((override, line))
 
-    defaults = compose(command, selections)
+    # The config as the selections make it, before any deletion: what `~key` would take away.
+    defaults = compose(command, [line for line in selections if not line.startswith("~")])
     leaves = _leaves(defaults)
+    sections = _constructor_sections(leaves)
+    for line in selections:
+        group = line.lstrip("~").partition("=")[0]
+        if line.startswith("~") and defaults.get(group) is not None:
+            raise UsageError(
+                f"cannot delete '{group}': dlrun {command} needs a {group}; "
+                f"choose one with {group}=<option> ({', '.join(options[group])})"
+            )
     for override, _ in settings:
         key = override.key_or_group
-        if override.is_add() or override.is_force_add() or override.is_delete():
-            continue  # `+key=`, `++key=`, `~key`: the user knowingly adds or removes
-        if key not in leaves and not any(path.startswith(key + ".") for path in leaves):
-            raise UsageError(_unknown_key(key, leaves))
+        known = key in leaves or any(path.startswith(key + ".") for path in leaves)
+        if override.is_delete():
+            _check_delete(command, key, known, leaves, sections)
+            continue
+        if override.is_add() and known:
+            raise UsageError(f"'{key}' already exists: set it with {key}=... (+ adds a key the config lacks)")
+        if (override.is_add() or override.is_force_add()) and not known:
+            # Only a constructor takes keys its config does not list (`+optimizer.betas=[0.9,0.99]`); anywhere
+            # else an added key is read by nobody, so `+trainer.epoch=3` would be silently ignored.
+            if key.rpartition(".")[0] not in sections:
+                raise UsageError(_unknown_key(key, leaves, sections))
+            continue
+        if not known:
+            raise UsageError(_unknown_key(key, leaves, sections))
         for value in _values(override):
             _check_type(key, value, leaves.get(key))
 
@@ -113,14 +133,44 @@ def unknown_choice(what: str, value: str, available: list[str]) -> str:
     return f"unknown {what} '{value}'; {hint}available: {', '.join(available)}"
 
 
-def _unknown_key(key: str, leaves: dict[str, Any]) -> str:
+def _unknown_key(key: str, leaves: dict[str, Any], sections: list[str]) -> str:
     near = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6)
     hint = f"did you mean '{near[0]}'? " if near else ""
     parent = key.rpartition(".")[0]
     siblings = sorted(p.rpartition(".")[2] for p in leaves if p.rpartition(".")[0] == parent)
     where = f"keys under '{parent}'" if parent else "top-level keys"
     listing = f"{where}: {', '.join(siblings)}" if siblings else f"'{parent}' is not a config section"
-    return f"unknown key '{key}'; {hint}{listing} (use +{key}=... to add a new key)"
+    if parent in sections:
+        advice = f"use +{key}=... to pass a new argument to the {parent} constructor"
+    elif sections:
+        advice = f"+key=... adds keys only under {', '.join(sections)}, whose values go to a constructor"
+    else:
+        advice = "this command takes no added keys"
+    return f"unknown key '{key}'; {hint}{listing} ({advice})"
+
+
+def _constructor_sections(leaves: dict[str, Any]) -> list[str]:
+    """Sections whose values are a constructor's arguments (they have a `_target_`): dataset, model, ..."""
+    return [path.removesuffix("._target_") for path in leaves if path.endswith("._target_")]
+
+
+def _check_delete(command: str, key: str, known: bool, leaves: dict[str, Any], sections: list[str]) -> None:
+    """`~key` may drop a constructor's argument (the constructor's default applies); every other key is read by
+    dlrun itself, and deleting it would crash the command long after validation."""
+    if not known:
+        raise UsageError(_unknown_key(key, leaves, sections))
+    parent, _, name = key.rpartition(".")
+    if parent not in sections or name.startswith("_") and name.endswith("_"):  # _target_, _partial_: Hydra's own
+        raise UsageError(f"cannot delete '{key}': dlrun {command} needs it; set it instead ({key}=...)")
+
+
+def _quoting_hint(overrides: list[str]) -> str:
+    """Hydra's lexer takes only ASCII in an unquoted value: say how to quote the first value that is not."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and not value.isascii():
+            return f"; quote a value with non-ASCII characters, e.g. \"{key}='{value}'\" in the shell"
+    return ""
 
 
 def _check_type(key: str, text: str, default: Any) -> None:
@@ -132,21 +182,36 @@ def _check_type(key: str, text: str, default: Any) -> None:
     value = OverridesParser.create().parse_override(f"k={text}").value()
     expected = type(default)
     ok = (
-        isinstance(value, str) and expected is str
-        or expected is bool and isinstance(value, bool)
-        or expected is int and isinstance(value, int) and not isinstance(value, bool)
-        or expected is float and isinstance(value, (int, float)) and not isinstance(value, bool)
-        or expected in (list, tuple) and isinstance(value, list)
-        or expected is dict and isinstance(value, dict)
-        or expected is str and isinstance(value, (int, float, bool))  # a name like 123 is still a name
+        isinstance(value, str)
+        and expected is str
+        or expected is bool
+        and isinstance(value, bool)
+        or expected is int
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        or expected is float
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        or expected in (list, tuple)
+        and isinstance(value, list)
+        or expected is dict
+        and isinstance(value, dict)
+        or expected is str
+        and isinstance(value, (int, float, bool))  # a name like 123 is still a name
     )
     if not ok:
         raise UsageError(f"{key} must be {_type_name(expected)}, got '{text}'")
 
 
 def _type_name(expected: type) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            list: "a list like [1,2]", dict: "a mapping like {a:1}"}.get(expected, expected.__name__)
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        list: "a list like [1,2]",
+        dict: "a mapping like {a:1}",
+    }.get(expected, expected.__name__)
 
 
 def _leaves(cfg) -> dict[str, Any]:
@@ -186,11 +251,49 @@ RULES: dict[str, Rule] = {
     "trainer.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "trainer.patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "optimizer.lr": (lambda v: 0 < v < math.inf, "a number > 0 and finite"),
+    "dataset.input_shape": (
+        lambda v: len(v) >= 1 and all(isinstance(d, int) and d >= 1 for d in v),
+        "a non-empty list of integers >= 1",
+    ),
     "dataset.val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dataset.test_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "dataset.num_outputs": (lambda v: v is None or _is_count(v), "null or an integer >= 1"),
+    "model.channels": (lambda v: _are_counts(v) and len(v) == 2, "a list of two integers >= 1, like [32,64]"),
+    "model.hidden": (lambda v: _is_count(v) or _are_counts(v), "an integer >= 1 or a list of them"),
+    "model.widths": (lambda v: _are_counts(v) and len(v) >= 1, "a non-empty list of integers >= 1"),
+    "model.blocks_per_stage": (lambda v: _is_count(v), "an integer >= 1"),
+    "model.width": (lambda v: _is_count(v) and v >= 4, "an integer >= 4"),  # GoogLeNet's smallest branch is width//4
+    "model.width_mult": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "model.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "quantizer.epochs": (lambda v: _is_count(v), "an integer >= 1"),
+    "distiller.temperature": (lambda v: 0 < v < math.inf, "a number > 0 and finite"),
+    "distiller.alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "device": (lambda v: _is_device(v), "one of auto, cpu, cuda, cuda:N"),
     "batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
 }
+
+
+# Rules between keys, checked when the config has all of them: (paths, predicate on their values, the rule).
+CROSS_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
+    (
+        ("dataset.val_fraction", "dataset.test_fraction"),
+        lambda val, test: val + test < 1,
+        "dataset.val_fraction + dataset.test_fraction must be < 1 (the rest is the training split)",
+    ),
+    (
+        ("dataset.task", "dataset.num_outputs"),
+        lambda task, n: task != "classification" or n is None or n >= 2,
+        "dataset.num_outputs must be >= 2 for classification (one class is always right)",
+    ),
+]
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _are_counts(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_count(v) for v in value)
 
 
 def _is_device(value: Any) -> bool:
@@ -201,21 +304,31 @@ _ABSENT = object()
 
 
 def check_values(cfg) -> None:
-    from omegaconf import OmegaConf
+    for path, (predicate, must_be) in RULES.items():
+        value = _select(cfg, path)
+        if value is not _ABSENT and not _holds(predicate, value):
+            raise UsageError(f"{path} must be {must_be}, got {value!r}")
+    for paths, predicate, rule in CROSS_RULES:
+        values = [_select(cfg, path) for path in paths]
+        if _ABSENT not in values and not _holds(predicate, *values):
+            got = ", ".join(f"{path}={value!r}" for path, value in zip(paths, values, strict=True))
+            raise UsageError(f"{rule}, got {got}")
+
+
+def _select(cfg, path: str) -> Any:
+    """The value at `path` as plain Python (lists, not ListConfig), or _ABSENT when this command has no such key."""
+    from omegaconf import Container, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    for path, (predicate, must_be) in RULES.items():
-        try:
-            value = OmegaConf.select(cfg, path, throw_on_missing=False)
-        except OmegaConfBaseException as exc:
-            raise UsageError(f"{path}: {one_line(exc)}") from None
-        if value is None and OmegaConf.select(cfg, path, default=_ABSENT) is _ABSENT:
-            continue  # this command's config has no such key
-        try:
-            ok = predicate(value)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise UsageError(f"{path} must be {must_be}, got {value!r}")
+    try:
+        value = OmegaConf.select(cfg, path, default=_ABSENT, throw_on_missing=False)
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+    except OmegaConfBaseException as exc:
+        raise UsageError(f"{path}: {one_line(exc)}") from None
 
 
+def _holds(predicate: Callable[..., bool], *values: Any) -> bool:
+    try:
+        return bool(predicate(*values))
+    except TypeError:  # a value of the wrong type (None, a string...) breaks the rule
+        return False

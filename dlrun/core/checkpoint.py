@@ -1,4 +1,5 @@
 """Checkpoint files: one dict of tensors and plain values, written atomically, read with weights_only=True.
+What each key holds is documented with the rest of the run contract, in dlrun.core.contract.
 
 weights_only=True means a checkpoint can hold tensors, numbers, strings, lists and dicts but never
 Python objects, so loading a file from a stranger cannot execute code.
@@ -16,7 +17,7 @@ import torch
 from dlrun.core.errors import DlrunError, UsageError
 from dlrun.core.files import atomic_write_bytes
 
-# Keys of the checkpoint dict (later commands read them; keep them stable).
+# Keys of the checkpoint dict (later commands read them; keep them stable; documented in dlrun.core.contract).
 MODEL = "model"
 OPTIMIZER = "optimizer"
 SCHEDULER = "scheduler"
@@ -26,6 +27,7 @@ TRAINER_STATE = "trainer_state"  # best metric, best epoch, epochs without impro
 CONFIG = "config"  # the resolved run config: eval/quantize/export rebuild the model from it
 VERSIONS = "versions"
 GIT_COMMIT = "git_commit"
+STRUCTURE = "structure"  # prune runs: the pruned layer widths, which CONFIG alone would build wider
 REQUIRED = (MODEL, CONFIG)
 
 
@@ -35,7 +37,9 @@ def save(path: Path, checkpoint: dict) -> None:
     try:
         atomic_write_bytes(Path(path), buffer.getvalue())
     except OSError as exc:
-        raise DlrunError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous file is intact") from None
+        raise DlrunError(
+            f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous file is intact"
+        ) from None
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -55,9 +59,37 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
             ) from None
         raise UsageError(f"{path} is not a torch checkpoint file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt): {str(exc).split('. ')[0]}") from None
+        reason = str(exc).split(". ")[0].strip() or (
+            "the file is empty" if path.stat().st_size == 0 else type(exc).__name__
+        )
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt): {reason}") from None
     except Exception:  # a file that is no pickle at all (text...) trips the unpickler with KeyError, IndexError...
         raise UsageError(f"{path} is not a torch checkpoint file") from None
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED):
         raise UsageError(f"{path} is not a dlrun checkpoint (expected a dict with keys {', '.join(REQUIRED)})")
     return checkpoint
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, where: str, config: str = "its own model config") -> None:
+    """model.load_state_dict, refusing weights that do not fit with one line that lists what differs (the first
+    few missing and unexpected keys and shape mismatches) instead of torch's multi-line message."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    shapes = [
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(own[key].shape)}"
+        for key in own
+        if key in state_dict and hasattr(state_dict[key], "shape") and state_dict[key].shape != own[key].shape
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches, file vs model", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise UsageError(f"{where} does not fit {config} ({type(model).__name__}): {'; '.join(problems)}")
+    model.load_state_dict(state_dict)

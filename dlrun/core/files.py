@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, _mode_of_plain_open(path))  # mkstemp makes 0600: results would be unreadable to the group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -32,6 +34,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise DlrunError(f"cannot write {path}: {exc.strerror or exc}; the previous file is intact") from None
         raise
     _fsync_dir(path.parent)
+
+
+def _mode_of_plain_open(path: Path) -> int:
+    """The permissions open(path, "w") would leave: an existing file keeps its own, a new one gets 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask. os.umask can only read it by changing it, so /proc is asked first (no window in which
+    another thread would create files with a wrong mask)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

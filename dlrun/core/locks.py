@@ -1,4 +1,5 @@
-"""One writer per run directory: a lock file holding the writer's pid, taken atomically, stale when its process is gone."""
+"""One writer per run directory: a lock file holding the writer's pid, taken atomically, stale when its process
+is gone."""
 
 from __future__ import annotations
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,12 +25,6 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
         model(example[:1])
     model.train(was_training)
     return int(counter.get_total_flops())
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
 
 
 def time_calls(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 50) -> list[float]:
@@ -58,7 +51,9 @@ def latency_ms(
 
 
 @torch.no_grad()
-def throughput(predict: Callable[[torch.Tensor], object], example: torch.Tensor, *, batch: int = 64, repeats: int = 10) -> float:
+def throughput(
+    predict: Callable[[torch.Tensor], object], example: torch.Tensor, *, batch: int = 64, repeats: int = 10
+) -> float:
     """Samples per second at `batch` (the example is tiled up to the batch size)."""
     reps = -(-batch // len(example))
     x = example.repeat(reps, *[1] * (example.dim() - 1))[:batch].contiguous()
@@ -72,8 +67,11 @@ def tensor_bytes(model: nn.Module) -> int:
     which dominates for tiny models."""
     seen: dict[int, int] = {}
     for module in model.modules():
-        tensors = [*module._parameters.values(), *module._buffers.values(),
-                   *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
+        tensors = [
+            *module._parameters.values(),
+            *module._buffers.values(),
+            *(v for v in vars(module).values() if isinstance(v, torch.Tensor)),
+        ]
         for tensor in tensors:
             if tensor is not None and not getattr(tensor, "is_meta", False):
                 seen[id(tensor)] = _nbytes(tensor)

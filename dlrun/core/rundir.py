@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from pathlib import Path
 
 from dlrun.core.errors import DlrunError, UsageError
@@ -21,10 +22,20 @@ OUTPUTS = Path("outputs")
 SUMMARY = "summary.json"
 
 
+NAME_CHARS = 80
+NAME_BYTES = 200  # a file name is at most 255 bytes: room for the timestamp and a -N suffix
+
+
 def sanitize_name(name: str) -> str:
-    """A run name that stays one path component: `../../etc` becomes `etc`."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip(".-")
-    return cleaned[:80]
+    """A run name that stays one path component: `../../etc` becomes `etc`, `café` stays `café`.
+
+    Letters and digits of any script are kept (NFC, so the same name is the same folder on every OS); any other
+    run of characters (separators, spaces, control and format characters) becomes one `-`; no leading dot.
+    """
+    cleaned = re.sub(r"[^\w.-]+", "-", unicodedata.normalize("NFC", str(name))).strip(".-")[:NAME_CHARS]
+    while len(cleaned.encode()) > NAME_BYTES:
+        cleaned = cleaned[:-1]
+    return cleaned.rstrip(".-")
 
 
 def reserve_run_dir(command: str, name: str | None = None, *, multirun: bool = False) -> Path:

@@ -2,7 +2,7 @@
 
 `run=`, `ckpt=` and `artifact=` all resolve to a `Source` carrying the training run's own config,
 so eval/quantize/export/bench rebuild the same dataset and model without repeating overrides.
-Every summary.json records `source_run` and `train_run`, making the lineage explicit.
+Every derived run's summary.json records its lineage (contract.Lineage): `source_run`, `train_run`, `source_config`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlrun.config.trust import check_stored_config
-from dlrun.core import files, rundir
+from dlrun.core import contract, rundir
 from dlrun.core.errors import DlrunError, UsageError
 
 QUANTIZED_PROGRAM = "model.pt2"  # what a quantize run leaves behind (torch.export.save)
@@ -28,12 +28,27 @@ class Source:
     max_batch: int | None = None  # largest batch an exported artifact accepts (None: any)
 
     @property
+    def lineage(self) -> contract.Lineage:
+        """What a run derived from this source records about it (summary.json's source_run, train_run...)."""
+        return contract.Lineage(
+            source_run=rundir.relative(self.run_dir) if self.run_dir else None,
+            train_run=rundir.relative(self.train_run) if self.train_run else None,
+            source_config=self.config,
+        )
+
+    @property
     def label(self) -> str:
         return rundir.relative(self.path)
 
 
-def resolve(*, run: str | None = None, ckpt: str | None = None, artifact: str | None = None,
-            default: tuple[str, ...] = ("train",), trusted=()) -> Source:
+def resolve(
+    *,
+    run: str | None = None,
+    ckpt: str | None = None,
+    artifact: str | None = None,
+    default: tuple[str, ...] = ("train",),
+    trusted=(),
+) -> Source:
     """Resolve the user's run=/ckpt=/artifact= (at most one) or the latest completed run of `default`.
 
     The stored config is checked (config.check_stored_config) before anything is built from it: only
@@ -55,13 +70,20 @@ def from_run_dir(run_dir: Path, trusted=()) -> Source:
         return _from_checkpoint(run_dir / "checkpoints" / "best.pt", run_dir, trusted)
     summary_path = run_dir / rundir.SUMMARY
     if (run_dir / QUANTIZED_PROGRAM).is_file() and summary_path.is_file():
-        summary = files.read_json(summary_path)
-        return Source("quantized", run_dir / QUANTIZED_PROGRAM, _source_config(summary, summary_path, trusted), run_dir,
-                      _train_run(summary, summary_path))
+        lineage = contract.read_summary(summary_path, "quantize").lineage
+        return Source(
+            "quantized",
+            run_dir / QUANTIZED_PROGRAM,
+            _source_config(lineage, summary_path, trusted),
+            run_dir,
+            _train_run(lineage, summary_path),
+        )
     artifacts = [p for p in sorted(run_dir.iterdir()) if p.suffix in ARTIFACT_SUFFIXES] if run_dir.is_dir() else []
     if artifacts and summary_path.is_file():
         return _from_artifact(artifacts[0], trusted)
-    raise UsageError(f"{run_dir} holds no checkpoints/best.pt, {QUANTIZED_PROGRAM} or exported artifact with a summary.json")
+    raise UsageError(
+        f"{run_dir} holds no checkpoints/best.pt, {QUANTIZED_PROGRAM} or exported artifact with a summary.json"
+    )
 
 
 def _from_checkpoint(path: Path, run_dir: Path | None = None, trusted=()) -> Source:
@@ -70,7 +92,12 @@ def _from_checkpoint(path: Path, run_dir: Path | None = None, trusted=()) -> Sou
     saved = checkpoint.load(path)
     config = check_stored_config(saved[checkpoint.CONFIG], str(path), trusted)
     run_dir = run_dir or (path.parent.parent if path.parent.name == "checkpoints" else None)
-    return Source("checkpoint", path, config, run_dir, run_dir)
+    train_run = run_dir
+    summary_path = run_dir / rundir.SUMMARY if run_dir else None
+    if checkpoint.STRUCTURE in saved and summary_path and summary_path.is_file():
+        # A pruned model's lineage goes on to the train run it was pruned from: bench finds its variants there.
+        train_run = _train_run(contract.read_summary(summary_path, "prune").lineage, summary_path) or run_dir
+    return Source("checkpoint", path, config, run_dir, train_run)
 
 
 def _from_artifact(path: Path, trusted=()) -> Source:
@@ -80,27 +107,34 @@ def _from_artifact(path: Path, trusted=()) -> Source:
         raise UsageError(f"artifact {path} does not exist")
     summary_path = path.parent / rundir.SUMMARY
     if not summary_path.is_file():
-        raise UsageError(f"cannot tell which dataset {path} was made for: no {rundir.SUMMARY} beside it (export it with dlrun export)")
-    summary = files.read_json(summary_path)
-    export = summary.get("config", {}).get("export", {})
-    max_batch = export.get("max_batch") if export.get("dynamic_batch", True) else 1
-    return Source("artifact", path, _source_config(summary, summary_path, trusted), path.parent,
-                  _train_run(summary, summary_path), max_batch)
+        raise UsageError(
+            f"cannot tell which dataset {path} was made for: no {rundir.SUMMARY} beside it "
+            "(export it with dlrun export)"
+        )
+    summary = contract.read_summary(summary_path, "export")
+    return Source(
+        "artifact",
+        path,
+        _source_config(summary.lineage, summary_path, trusted),
+        path.parent,
+        _train_run(summary.lineage, summary_path),
+        summary.record.largest_batch,
+    )
 
 
-def _source_config(summary: dict, where: Path, trusted=()) -> dict:
-    config = summary.get("source_config")
+def _source_config(lineage: contract.Lineage | None, where: Path, trusted=()) -> dict:
+    config = lineage.source_config if lineage else None
     if not isinstance(config, dict) or "dataset" not in config or "model" not in config:
         raise UsageError(f"{where} has no source_config (dataset and model of the trained model)")
     return check_stored_config(config, f"{where} (source_config)", trusted)
 
 
-def _train_run(summary: dict, where: Path) -> Path | None:
+def _train_run(lineage: contract.Lineage | None, where: Path) -> Path | None:
     """The lineage's train run. Summaries store it relative to the directory the command ran in, which need not
     be today's working directory: then it is found under the folder holding the summary's outputs/."""
-    if not summary.get("train_run"):
+    if not (lineage and lineage.train_run):
         return None
-    path = Path(summary["train_run"])
+    path = Path(lineage.train_run)
     if path.is_absolute() or path.exists():
         return path
     return next((root / path for root in where.resolve().parents if (root / path).is_dir()), path)
@@ -117,10 +151,15 @@ def load_model(source: Source, device="cpu"):
         raise UsageError(f"{source.label} is a {source.kind}, not a train checkpoint")
     config = OmegaConf.create(source.config)
     model = models.build(config.model)
+    saved = checkpoint.load(source.path, device)
     try:
-        model.load_state_dict(checkpoint.load(source.path, device)[checkpoint.MODEL])
-    except RuntimeError as exc:
+        if checkpoint.STRUCTURE in saved:  # a pruned model: narrower than its config builds it
+            from dlrun.compression import pruning
+
+            pruning.resize(model, saved[checkpoint.STRUCTURE], saved[checkpoint.MODEL])
+    except ValueError as exc:
         raise UsageError(f"{source.label} does not fit its own model config: {str(exc).splitlines()[0]}") from None
+    checkpoint.load_weights(model, saved[checkpoint.MODEL], source.label)
     return model.to(device).eval()
 
 
@@ -130,12 +169,12 @@ def load_predictor(source: Source, device="cpu"):
         return load_model(source, device)
     try:
         if source.kind == "quantized":
-            from dlrun.compression import quantization
+            from dlrun.deploy.program import load_program
 
-            return quantization.load_program(source.path)
-        from dlrun import exporting
+            return load_program(source.path)
+        from dlrun.deploy.runtime import load_runner
 
-        return exporting.load_runner(source.path)
+        return load_runner(source.path)
     except ImportError as exc:  # a missing optional runtime: the message says what to pip install
         raise DlrunError(str(exc)) from None
     except ValueError as exc:  # load_program's and load_runner's own one-line explanations

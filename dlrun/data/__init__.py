@@ -12,8 +12,20 @@ from dlrun.data.bundled import diabetes, digits, synthetic
 from dlrun.data.files import FolderSplit, image_folder, torchvision_dataset
 from dlrun.data.splits import Augment, Batch, Data, Split, TensorSplit, split_indices
 
-__all__ = ["Augment", "Batch", "Data", "Split", "TensorSplit", "build", "diabetes", "digits", "image_folder",
-           "split_indices", "synthetic", "torchvision_dataset"]
+__all__ = [
+    "Augment",
+    "Batch",
+    "Data",
+    "Split",
+    "TensorSplit",
+    "build",
+    "diabetes",
+    "digits",
+    "image_folder",
+    "split_indices",
+    "synthetic",
+    "torchvision_dataset",
+]
 
 
 def build(dataset_cfg, device: torch.device) -> Data:

@@ -7,12 +7,13 @@ path: for small models the DataLoader's Python overhead per sample dominates tra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
-from dlrun.core.errors import DlrunError
+from dlrun.core.errors import UsageError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,7 +46,9 @@ class Augment:
 class Split(Protocol):
     def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, *, shuffle_seed: int | None = None, augment: Augment | None = None) -> Iterator[Batch]: ...
+    def batches(
+        self, batch_size: int, *, shuffle_seed: int | None = None, augment: Augment | None = None
+    ) -> Iterator[Batch]: ...
 
 
 @dataclass
@@ -58,7 +61,7 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.x)
 
-    def to(self, device: torch.device) -> "TensorSplit":
+    def to(self, device: torch.device) -> TensorSplit:
         return TensorSplit(self.x.to(device), self.y.to(device))
 
     def batches(self, batch_size, *, shuffle_seed=None, augment=None):
@@ -90,7 +93,7 @@ class Data:
     target_mean: float = 0.0
     target_std: float = 1.0
 
-    def to(self, device: torch.device) -> "Data":
+    def to(self, device: torch.device) -> Data:
         for name in ("train", "val", "test"):
             split = getattr(self, name)
             if isinstance(split, TensorSplit):
@@ -108,7 +111,7 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test, n_val = round(n * test_fraction), round(n * val_fraction)
     if n - n_test - n_val < 1 or (val_fraction > 0 and n_val == 0) or (test_fraction > 0 and n_test == 0):
-        raise DlrunError(f"cannot split {n} samples into val={val_fraction} and test={test_fraction} fractions")
+        raise UsageError(f"cannot split {n} samples into val={val_fraction} and test={test_fraction} fractions")
     return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
 
 
@@ -137,9 +140,11 @@ def standardized(x: torch.Tensor, y: torch.Tensor, parts, *, task: str, image: b
 def checked_meta(task, input_shape, num_outputs, augment, actual_shape, actual_outputs, name) -> dict:
     """Check the config's declared shape against the real data; models are built from the declared one."""
     if tuple(input_shape) != tuple(actual_shape):
-        raise DlrunError(f"dataset {name} has input shape {list(actual_shape)}, but dataset.input_shape is {list(input_shape)}")
+        raise UsageError(
+            f"dataset {name} has input shape {list(actual_shape)}, but dataset.input_shape is {list(input_shape)}"
+        )
     if num_outputs is not None and int(num_outputs) != actual_outputs:
-        raise DlrunError(f"dataset {name} has {actual_outputs} outputs, but dataset.num_outputs is {num_outputs}")
+        raise UsageError(f"dataset {name} has {actual_outputs} outputs, but dataset.num_outputs is {num_outputs}")
     if task not in ("classification", "regression"):
-        raise DlrunError(f"dataset.task must be classification or regression, got {task!r}")
+        raise UsageError(f"dataset.task must be classification or regression, got {task!r}")
     return dict(input_shape=tuple(actual_shape), num_outputs=actual_outputs, augment=Augment(**augment))

@@ -6,7 +6,7 @@ stored config, so they stay importable from here.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,8 +24,19 @@ from dlrun.models.zoo import (
     conv_bn_relu,
 )
 
-__all__ = ["MLP", "GoogLeNet", "Inception", "LeNet", "Linear", "ResNet", "Residual", "build", "conv_bn_relu",
-           "mobilenet_v2", "resnet18"]
+__all__ = [
+    "MLP",
+    "GoogLeNet",
+    "Inception",
+    "LeNet",
+    "Linear",
+    "ResNet",
+    "Residual",
+    "build",
+    "conv_bn_relu",
+    "mobilenet_v2",
+    "resnet18",
+]
 
 
 def build(model_cfg, input_shape: Sequence[int] | None = None) -> nn.Module:
@@ -40,5 +51,7 @@ def build(model_cfg, input_shape: Sequence[int] | None = None) -> nn.Module:
             model.eval()(torch.zeros(2, *shape))
             model.train(was_training)
     except RuntimeError as exc:
-        raise UsageError(f"model {model_cfg.get('_target_')} cannot take input of shape {list(shape)}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(
+            f"model {model_cfg.get('_target_')} cannot take input of shape {list(shape)}: {str(exc).splitlines()[0]}"
+        ) from None
     return model

@@ -34,7 +34,9 @@ def _load_pretrained(model: nn.Module, weights, name: str) -> None:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except OSError as exc:  # URLError is an OSError: no network and no cached file
         cache = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
-        raise DlrunError(f"cannot download {name} weights (no network?): place {cache} there or use model.weights=null ({exc})") from None
+        raise DlrunError(
+            f"cannot download {name} weights (no network?): place {cache} there or use model.weights=null ({exc})"
+        ) from None
     own = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
 

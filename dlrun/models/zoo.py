@@ -7,7 +7,7 @@ dataset whose input it can take.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from dlrun.core.errors import UsageError
 def image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
         raise UsageError(
-            f"model {name} needs image input (channels, height, width) but the dataset gives shape {list(input_shape)}; "
+            f"model {name} needs image input (channels, height, width) but the dataset gives shape "
+            f"{list(input_shape)}; "
             "use model=linear or model=mlp for tabular data"
         )
     return tuple(input_shape)
@@ -32,7 +33,9 @@ class Linear(nn.Sequential):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.0):
+    def __init__(
+        self, input_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.0
+    ):
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for size in hidden:
@@ -49,17 +52,24 @@ def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Se
 class LeNet(nn.Module):
     """Two conv + BN + ReLU + max-pool blocks, then a two-layer classifier head."""
 
-    def __init__(self, input_shape, num_outputs, channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.2):
+    def __init__(
+        self, input_shape, num_outputs, channels: Sequence[int] = (32, 64), hidden: int = 128, dropout: float = 0.2
+    ):
         super().__init__()
         c, h, w = image_shape("lenet", input_shape)
         if h < 4 or w < 4:
             raise UsageError(f"model lenet needs images of at least 4x4 pixels, the dataset gives {h}x{w}")
         self.features = nn.Sequential(
-            conv_bn_relu(c, channels[0]), nn.MaxPool2d(2),
-            conv_bn_relu(channels[0], channels[1]), nn.MaxPool2d(2),
+            conv_bn_relu(c, channels[0]),
+            nn.MaxPool2d(2),
+            conv_bn_relu(channels[0], channels[1]),
+            nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(channels[1] * (h // 4) * (w // 4), hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(channels[1] * (h // 4) * (w // 4), hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden, num_outputs),
         )
 
@@ -115,7 +125,8 @@ class Residual(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = (
             nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout else nn.Identity()
+            if stride != 1 or cin != cout
+            else nn.Identity()
         )
         self.relu2 = nn.ReLU()
 

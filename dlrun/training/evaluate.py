@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -84,7 +84,9 @@ def evaluate(
         err = (out_all - y_all) * data.target_std  # back to the dataset's own units
         metrics["mse"] = err.pow(2).mean().item()
         metrics["mae"] = err.abs().mean().item()
-        metrics["r2"] = 1 - (out_all - y_all).pow(2).sum().item() / max((y_all - y_all.mean()).pow(2).sum().item(), 1e-12)
+        metrics["r2"] = 1 - (out_all - y_all).pow(2).sum().item() / max(
+            (y_all - y_all.mean()).pow(2).sum().item(), 1e-12
+        )
     if reference is not None:
         metrics["max_abs_diff"] = totals["max_abs_diff"]
         if classification:

@@ -11,18 +11,27 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
+from dlrun.core.errors import UsageError
+
 
 def constant(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int) -> LRScheduler:
     return LambdaLR(optimizer, lambda step: 1.0)
 
 
-def step(optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float) -> LRScheduler:
+def step(
+    optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float
+) -> LRScheduler:
     return LambdaLR(optimizer, lambda s: gamma ** ((s // steps_per_epoch) // step_epochs))
 
 
 def cosine(
-    optimizer: Optimizer, *, total_steps: int, steps_per_epoch: int,
-    warmup_epochs: float, warmup_start_ratio: float, min_lr_ratio: float,
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+    warmup_start_ratio: float,
+    min_lr_ratio: float,
 ) -> LRScheduler:
     warmup = min(int(warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
 
@@ -40,3 +49,21 @@ def onecycle(
 ) -> LRScheduler:
     max_lr = [group["lr"] * max_lr_ratio for group in optimizer.param_groups]
     return OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 2), pct_start=pct_start)
+
+
+def build_optimization(
+    optimizer_cfg, scheduler_cfg, parameters, *, train_size: int, batch_size: int, epochs: int, lr_scale: float = 1.0
+) -> tuple[Optimizer, LRScheduler]:
+    """The optimizer and its per-batch schedule from their config groups (Hydra partials), sized for a fit of
+    `epochs` over `train_size` samples. Train, QAT fine-tuning, pruning fine-tunes and distillation share it."""
+    from dlrun.config.compose import instantiate
+
+    steps_per_epoch = math.ceil(train_size / batch_size)
+    try:  # Hydra partials: a wrong added key (+optimizer.betaz=...) only fails here, when they are called
+        optimizer = instantiate(optimizer_cfg, "optimizer")(parameters, lr=optimizer_cfg.lr * lr_scale)
+        scheduler = instantiate(scheduler_cfg, "scheduler")(
+            optimizer, total_steps=steps_per_epoch * epochs, steps_per_epoch=steps_per_epoch
+        )
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot build the optimizer or scheduler from the config: {exc}") from None
+    return optimizer, scheduler

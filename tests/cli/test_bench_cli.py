@@ -14,8 +14,22 @@ from helpers import ONE_THREAD_ENV, copy_train_run, error_line, ok, run_dirs, ru
 
 ENV = subprocess_env(**ONE_THREAD_ENV)
 CHEAP_BENCH = ("warmup=1", "latency_repeats=5", "throughput_repeats=2", "throughput_batch=8")
-COLUMNS = ("variant", "format", "status", "size_mb", "params", "flops", "metric", "top1_agreement",
-           "latency_ms_p50", "latency_ms_p90", "throughput_sps", "speedup")
+COLUMNS = (
+    "variant",
+    "format",
+    "status",
+    "weights_mb",
+    "file_mb",
+    "params",
+    "flops",
+    "metric",
+    "samples",
+    "top1_agreement",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "throughput_sps",
+    "speedup",
+)
 
 
 def bench_run(cwd: Path) -> Path:
@@ -38,11 +52,23 @@ def test_bench_reports_every_variant_and_a_broken_one_as_failed(project, pipelin
 
     result = ok(run_dlrun(["bench", "formats=[eager,quantized,pte]", *CHEAP_BENCH], project, env=ENV))
     run = bench_run(project)
-    assert {p.name for p in run.iterdir()} >= {"bench.csv", "bench.json", "bench.md", "bench.png", "summary.json", "bench.log"}
+    assert {p.name for p in run.iterdir()} >= {
+        "bench.csv",
+        "bench.json",
+        "bench.md",
+        "bench.png",
+        "summary.json",
+        "bench.log",
+    }
     rows = json.loads((run / "bench.json").read_text())
     by_name = {row["variant"]: row for row in rows}
     # formats= picks the rows: no torch.compile variant, and every quantize/export run of this train run
-    assert set(by_name) == {"fp32 eager", "ptq xnnpack program (eager reference)", "pt2e_int8 .pte xnnpack", "fp32 .pte xnnpack"}
+    assert set(by_name) == {
+        "fp32 eager",
+        "ptq xnnpack program (eager reference)",
+        "pt2e_int8 .pte xnnpack",
+        "fp32 .pte xnnpack",
+    }
     assert len(rows) == 4 and not [r for r in rows if r["format"] == "compile"]
     assert by_name["fp32 .pte xnnpack"]["status"].startswith("failed: ")
     assert "Failed to load program" in by_name["fp32 .pte xnnpack"]["status"]
@@ -53,9 +79,14 @@ def test_bench_reports_every_variant_and_a_broken_one_as_failed(project, pipelin
         assert set(COLUMNS) <= set(row), set(COLUMNS) - set(row)
         assert row["metric"] > 0.8 and row["top1_agreement"] >= 0.95
         assert 0 < row["latency_ms_p50"] <= row["latency_ms_p90"] and row["throughput_sps"] > 0 and row["speedup"] > 0
-        assert row["size_mb"] > 0 and row["params"] > 0 and row["flops"] > 0
+        assert row["file_mb"] > 0 and row["params"] > 0 and row["flops"] > 0
+        assert row["samples"] == by_name["fp32 eager"]["samples"] > 0  # every metric on the same test split
+        assert (row["weights_mb"] is None) == (row["format"] == "pte")  # a runtime artifact has only its file size
     assert by_name["fp32 eager"]["speedup"] == 1.0 and by_name["fp32 eager"]["top1_agreement"] == 1.0
-    assert by_name["pt2e_int8 .pte xnnpack"]["size_mb"] < 0.8 * by_name["fp32 eager"]["size_mb"]
+    # Sizes compare like with like: tensors with tensors. The fp32 rows' file is the train checkpoint, which also
+    # holds Adam's two moments per weight.
+    fp32, int8 = by_name["fp32 eager"], by_name["ptq xnnpack program (eager reference)"]
+    assert int8["weights_mb"] < 0.45 * fp32["weights_mb"] and fp32["file_mb"] > 2 * fp32["weights_mb"]
 
     with open(run / "bench.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -65,13 +96,19 @@ def test_bench_reports_every_variant_and_a_broken_one_as_failed(project, pipelin
     assert (run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["command"] == "bench" and summary["rows"] == rows and summary["threads"] >= 1
-    assert (project / summary["train_run"]).resolve() == (project / "outputs" / "train" / pipeline.train_run.name).resolve()
+    assert (project / summary["train_run"]).resolve() == (
+        project / "outputs" / "train" / pipeline.train_run.name
+    ).resolve()
     assert "fp32 .pte xnnpack" in result.stdout and "failed" in result.stdout
 
 
 def test_bench_refuses_an_unknown_format(trained_run, cli):
-    error_line(cli("bench", f"run={trained_run.run_dir}", "formats=[eager,nosuch]", env=ENV), 2,
-               "unknown bench format(s) nosuch", "eager, compile, quantized, pte, pt2, onnx")
+    error_line(
+        cli("bench", f"run={trained_run.run_dir}", "formats=[eager,nosuch]", env=ENV),
+        2,
+        "unknown bench format(s) nosuch",
+        "eager, compile, quantized, pte, pt2, onnx",
+    )
 
 
 @pytest.mark.slow
@@ -84,8 +121,12 @@ def test_export_missing_creates_the_standard_set_once(trained_run, cli):
     rows = json.loads((bench_run(cli.cwd) / "bench.json").read_text())
     assert all(row["status"] == "ok" for row in rows), rows
     assert [row["variant"] for row in rows] == [
-        "fp32 eager", "fp32 torch.compile", "ptq xnnpack program (eager reference)",
-        "pt2e_int8 .pte xnnpack", "fp32 .pte xnnpack", "fp32 .onnx onnxruntime",
+        "fp32 eager",
+        "fp32 torch.compile",
+        "ptq xnnpack program (eager reference)",
+        "pt2e_int8 .pte xnnpack",
+        "fp32 .pte xnnpack",
+        "fp32 .onnx onnxruntime",
     ]
     ok(cli("bench", "export_missing=true", "formats=[eager]", *CHEAP_BENCH, env=ENV))
     assert run_dirs(cli.cwd, "quantize") == quantized and run_dirs(cli.cwd, "export") == exported

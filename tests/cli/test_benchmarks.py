@@ -20,8 +20,14 @@ EXPECTED = {
 
 def run_benchmark(name: str) -> str:
     # Run from the repository root: benchmarks/ is a package there, not an installed one.
-    done = subprocess.run([PYTHON, "-m", f"benchmarks.{name}", "--quick"], cwd=REPO, env=subprocess_env(**ONE_THREAD_ENV),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [PYTHON, "-m", f"benchmarks.{name}", "--quick"],
+        cwd=REPO,
+        env=subprocess_env(**ONE_THREAD_ENV),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     assert "Traceback" not in done.stderr, done.stderr
     return done.stdout

@@ -14,9 +14,9 @@ import shutil
 import pytest
 import torch
 
-from helpers import error_line, ok, tree_hashes
 from dlrun.config.trust import builtin_targets, check_stored_config, check_targets
 from dlrun.core.errors import UsageError
+from helpers import error_line, ok, tree_hashes
 
 
 def write_text_payload(target_file) -> dict:
@@ -41,18 +41,26 @@ def copied_run(trained_run, cwd):
 
 def test_builtin_targets_are_read_from_conf():
     targets = builtin_targets()
-    assert {"dlrun.models.LeNet", "dlrun.data.digits", "torch.optim.Adam", "dlrun.schedulers.cosine"} <= targets
+    assert {
+        "dlrun.models.LeNet",
+        "dlrun.data.digits",
+        "torch.optim.Adam",
+        "dlrun.training.schedulers.cosine",
+    } <= targets
     assert not any(t.startswith(("pathlib", "os", "subprocess", "builtins")) for t in targets)
 
 
-@pytest.mark.parametrize("model, needle", [
-    ({"_target_": "pathlib.Path.write_text", "data": "x"}, "pathlib.Path.write_text"),
-    ({"_target_": "dlrun.models.LeNet", "_args_": ["x"]}, "model._args_"),
-    ({"_target_": "dlrun.models.LeNet", "_recursive_": True}, "model._recursive_"),
-    ({"_target_": "dlrun.models.LeNet", "hidden": {"_target_": "dlrun.models.LeNet"}}, "model.hidden._target_"),
-    ({"_target_": "dlrun.models.LeNet", "channels": [{"_target_": "os.getcwd"}]}, "model.channels[0]._target_"),
-    ({"_target_": "dlrun.models.LeNet", "hidden": "${oc.env:HOME}"}, "interpolation"),
-])
+@pytest.mark.parametrize(
+    "model, needle",
+    [
+        ({"_target_": "pathlib.Path.write_text", "data": "x"}, "pathlib.Path.write_text"),
+        ({"_target_": "dlrun.models.LeNet", "_args_": ["x"]}, "model._args_"),
+        ({"_target_": "dlrun.models.LeNet", "_recursive_": True}, "model._recursive_"),
+        ({"_target_": "dlrun.models.LeNet", "hidden": {"_target_": "dlrun.models.LeNet"}}, "model.hidden._target_"),
+        ({"_target_": "dlrun.models.LeNet", "channels": [{"_target_": "os.getcwd"}]}, "model.channels[0]._target_"),
+        ({"_target_": "dlrun.models.LeNet", "hidden": "${oc.env:HOME}"}, "interpolation"),
+    ],
+)
 def test_stored_config_refused(model, needle):
     config = {"dataset": {"_target_": "dlrun.data.digits"}, "model": model}
     with pytest.raises(UsageError, match="refusing the config in ckpt.pt") as error:
@@ -60,7 +68,9 @@ def test_stored_config_refused(model, needle):
     assert needle in str(error.value)
 
 
-@pytest.mark.parametrize("config", [None, [], {"model": {}}, {"dataset": {"_target_": "dlrun.data.digits"}, "model": {}}])
+@pytest.mark.parametrize(
+    "config", [None, [], {"model": {}}, {"dataset": {"_target_": "dlrun.data.digits"}, "model": {}}]
+)
 def test_stored_config_of_the_wrong_shape_is_refused(config):
     with pytest.raises(UsageError, match="holds no usable config"):
         check_stored_config(config, "ckpt.pt")
@@ -71,7 +81,9 @@ def test_a_trusted_target_passes_and_others_still_fail():
     check_stored_config(config, "ckpt.pt", trusted=["mine.Net"])
     with pytest.raises(UsageError, match="'mine.Net' is not one of dlrun's builders"):
         check_stored_config(config, "ckpt.pt", trusted=["other.Net"])
-    check_targets({"model": {"_target_": "x", "n": "${dataset.n}"}}, "cli", ["x"], stored=False)  # composed: interpolations ok
+    check_targets(
+        {"model": {"_target_": "x", "n": "${dataset.n}"}}, "cli", ["x"], stored=False
+    )  # composed: interpolations ok
 
 
 # --- every command that reads a stored config ----------------------------------------------------------
@@ -110,8 +122,10 @@ def test_resume_replaying_an_injected_override_is_refused_and_touches_nothing(tr
     payload = cli.cwd / "PWNED"
     run = copied_run(trained_run, cli.cwd)
     overrides = run / ".hydra" / "overrides.yaml"
-    overrides.write_text(overrides.read_text() + "- model._target_=pathlib.Path.write_text\n"
-                         f"- +model.self={payload}\n- +model.data=pwned\n")
+    overrides.write_text(
+        overrides.read_text() + "- model._target_=pathlib.Path.write_text\n"
+        f"- +model.self={payload}\n- +model.data=pwned\n"
+    )
     before = tree_hashes(run)
     error_line(cli("train", f"resume={run}"), 2, "resumed run's .hydra/overrides.yaml", "pathlib.Path.write_text")
     assert not payload.exists()

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from helpers import error_line, ok, run_dirs
 from dlrun.core import checkpoint
 from dlrun.core.errors import UsageError
+from helpers import error_line, ok, run_dirs
 
 
 def eval_summary(cwd) -> dict:
@@ -25,7 +25,9 @@ def assert_same_test_metrics(summary: dict, trained: dict) -> None:
     assert test["loss"] == pytest.approx(expected["loss"], rel=1e-5)  # batch size differs: float sums may not
     assert summary["params"] == trained["params"] and summary["flops"] == trained["flops"]
     assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p90"]
-    assert summary["size_bytes"] > 0 and summary["kind"] == "checkpoint"
+    assert summary["kind"] == "checkpoint"
+    # the weights alone: the checkpoint file also holds Adam's two moments per weight, so it is ~3x larger
+    assert 0 < summary["weights_bytes"] < summary["file_bytes"] / 2
 
 
 def test_eval_checkpoint(trained_run, cli):
@@ -73,7 +75,9 @@ def bad_files(tmp_path, trained_run):
         "tensor": tmp_path / "tensor.pt",
         "no_config": tmp_path / "no_config.pt",
         "missing": tmp_path / "missing.pt",
+        "empty": tmp_path / "empty.pt",
     }
+    files["empty"].write_bytes(b"")
     torch.save({"model": {}, "config": {}, "payload": Marker(marker)}, files["malicious"])
     files["truncated"].write_bytes(real[: len(real) // 2])
     files["garbage"].write_bytes(bytes(range(7, 256)) * 8)  # fixed bytes: random ones can look like a zip header
@@ -91,6 +95,7 @@ EXPECTED = {
     "tensor": "is not a dlrun checkpoint",
     "no_config": "is not a dlrun checkpoint",
     "missing": "does not exist",
+    "empty": "is not a readable checkpoint (truncated or corrupt): the file is empty",
 }
 
 
@@ -110,3 +115,15 @@ def test_eval_refuses_a_malicious_checkpoint(bad_files, cli):
     error_line(cli("eval", f"ckpt={files['malicious']}"), 2, str(files["malicious"]), EXPECTED["malicious"])
     assert not marker.exists()
     assert not any((run / "summary.json").exists() for run in run_dirs(cli.cwd, "eval"))
+
+
+def test_weights_of_another_model_are_refused_listing_what_differs(trained_run, cli):
+    """Not torch's multi-line message cut after "for LeNet:": the first keys missing, unexpected and misshapen."""
+    from dlrun.models import ResNet
+
+    saved = torch.load(trained_run.run_dir / "checkpoints" / "best.pt", weights_only=True)
+    saved["model"] = ResNet((1, 8, 8), 10).state_dict()
+    torch.save(saved, cli.cwd / "foreign.pt")
+    line = error_line(cli("eval", "ckpt=foreign.pt"), 2, "foreign.pt", "does not fit its own model config (LeNet)")
+    assert "missing keys (" in line and "unexpected keys (" in line and "shape mismatches, file vs model (" in line
+    assert "features.0.0.weight (16, 1, 3, 3) vs (8, 1, 3, 3)" in line  # TINY_MODEL: 8 channels, ResNet's stem 16

@@ -12,14 +12,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from dlrun.config import capabilities
 from helpers import (
-    CHEAP_QUANTIZE, ONE_THREAD_ENV, copy_train_run, error_line, ok, read_jsonl, run_dirs, run_dlrun, subprocess_env,
+    CHEAP_QUANTIZE,
+    ONE_THREAD_ENV,
+    copy_train_run,
+    error_line,
+    ok,
+    read_jsonl,
+    run_dirs,
+    run_dlrun,
+    subprocess_env,
     tree_hashes,
 )
-from dlrun import capabilities
 
 ENV = subprocess_env(**ONE_THREAD_ENV)
-COMPARISON_KEYS = {"runtime", "size_ratio", "program_size_ratio", "latency_speedup", "throughput_speedup", "max_abs_diff"}
+COMPARISON_KEYS = {
+    "runtime",
+    "size_ratio",
+    "program_size_ratio",
+    "latency_speedup",
+    "throughput_speedup",
+    "max_abs_diff",
+}
 
 
 def summary_of(run: Path) -> dict:
@@ -37,8 +52,9 @@ def only_run(cwd: Path, command: str = "quantize") -> Path:
     return run
 
 
-def assert_quantize_summary(summary: dict, *, mode: str, backend: str, train_run: Path, cwd: Path,
-                            task: str = "classification") -> None:
+def assert_quantize_summary(
+    summary: dict, *, mode: str, backend: str, train_run: Path, cwd: Path, task: str = "classification"
+) -> None:
     assert summary["command"] == "quantize" and summary["mode"] == mode and summary["backend"] == backend
     test, fp32, comparison = summary["metrics"]["test"], summary["metrics"]["fp32"], summary["comparison"]
     assert test["samples"] == fp32["samples"] > 0  # the same test split for both
@@ -118,15 +134,26 @@ def test_qat_xnnpack_fine_tunes_and_records_each_epoch(qat_run):
 
 def test_weight_only_int8_keeps_excluded_layers_float_in_the_saved_program(trained_run, cli):
     """torchao weight-only int8 on the Linear layers, lenet's last Linear (head.4) excluded."""
-    ok(cli("quantize", "mode=weight_only", "quantizer.dtype=int8", "quantizer.exclude=[head.4]", f"run={trained_run.run_dir}",
-           *CHEAP_QUANTIZE, env=ENV))
+    ok(
+        cli(
+            "quantize",
+            "mode=weight_only",
+            "quantizer.dtype=int8",
+            "quantizer.exclude=[head.4]",
+            f"run={trained_run.run_dir}",
+            *CHEAP_QUANTIZE,
+            env=ENV,
+        )
+    )
     run = only_run(cli.cwd)
     summary = summary_of(run)
     assert_quantize_summary(summary, mode="weight_only", backend="torchao", train_run=trained_run.run_dir, cwd=cli.cwd)
     assert summary["dtype"] == "int8" and summary["comparison"]["runtime"].startswith("eager pytorch")
     assert summary["comparison"]["top1_agreement"] >= 0.98
     weights = load_exported(run / "model.pt2").state_dict
-    assert type(weights["head.1.weight"]).__name__ == "Int8Tensor" and weights["head.1.weight"].qdata.dtype == torch.int8
+    assert (
+        type(weights["head.1.weight"]).__name__ == "Int8Tensor" and weights["head.1.weight"].qdata.dtype == torch.int8
+    )
     assert type(weights["head.4.weight"]) in (torch.Tensor, torch.nn.Parameter)  # excluded: a plain float tensor
     assert weights["head.4.weight"].dtype == torch.float32
 
@@ -150,15 +177,21 @@ def test_quantize_refuses_in_one_line(case, trained_run, cli):
 
 
 def test_quantize_without_a_train_run_says_to_train_first(cli):
-    error_line(cli("quantize", "mode=qat", "backend=xnnpack", env=ENV), 2, "no completed train run", "run `dlrun train` first")
+    error_line(
+        cli("quantize", "mode=qat", "backend=xnnpack", env=ENV), 2, "no completed train run", "run `dlrun train` first"
+    )
 
 
 def test_quantize_refuses_a_corrupt_source_checkpoint(trained_run, cli):
     broken = copy_train_run(trained_run, cli.cwd)
     best = broken / "checkpoints" / "best.pt"
     best.write_bytes(best.read_bytes()[:2000])
-    error_line(cli("quantize", env=ENV), 2, str(Path("outputs/train") / broken.name / "checkpoints" / "best.pt"),
-               "truncated or corrupt")
+    error_line(
+        cli("quantize", env=ENV),
+        2,
+        str(Path("outputs/train") / broken.name / "checkpoints" / "best.pt"),
+        "truncated or corrupt",
+    )
 
 
 # --- slow: the remaining combinations, other models and tasks, the real default model's targets ------------------
@@ -179,10 +212,23 @@ def test_slow_combinations_cover_every_capability():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "backend", "extra"), SLOW_COMBINATIONS,
-                         ids=[f"{m}-{e[0].split('=')[1] if m == 'weight_only' else b}" for m, b, e in SLOW_COMBINATIONS])
+@pytest.mark.parametrize(
+    ("mode", "backend", "extra"),
+    SLOW_COMBINATIONS,
+    ids=[f"{m}-{e[0].split('=')[1] if m == 'weight_only' else b}" for m, b, e in SLOW_COMBINATIONS],
+)
 def test_mode_backend_end_to_end(mode, backend, extra, trained_run, cli):
-    ok(cli("quantize", f"mode={mode}", f"backend={backend}", *extra, f"run={trained_run.run_dir}", *CHEAP_QUANTIZE, env=ENV))
+    ok(
+        cli(
+            "quantize",
+            f"mode={mode}",
+            f"backend={backend}",
+            *extra,
+            f"run={trained_run.run_dir}",
+            *CHEAP_QUANTIZE,
+            env=ENV,
+        )
+    )
     summary = summary_of(only_run(cli.cwd))
     assert_quantize_summary(summary, mode=mode, backend=backend, train_run=trained_run.run_dir, cwd=cli.cwd)
     assert summary["comparison"]["top1_agreement"] >= 0.9
@@ -192,8 +238,17 @@ def test_mode_backend_end_to_end(mode, backend, extra, trained_run, cli):
 
 @pytest.mark.slow
 def test_ptq_exclude_keeps_the_module_float_in_the_saved_program(trained_run, cli):
-    ok(cli("quantize", "mode=ptq", "quantizer.exclude=[head.4]", "quantizer.calib_batches=4", f"run={trained_run.run_dir}",
-           *CHEAP_QUANTIZE, env=ENV))
+    ok(
+        cli(
+            "quantize",
+            "mode=ptq",
+            "quantizer.exclude=[head.4]",
+            "quantizer.calib_batches=4",
+            f"run={trained_run.run_dir}",
+            *CHEAP_QUANTIZE,
+            env=ENV,
+        )
+    )
     program = load_exported(only_run(cli.cwd) / "model.pt2")
     linears = [n for n in program.graph.nodes if n.target == torch.ops.aten.linear.default]
     assert len(linears) == 2
@@ -209,19 +264,37 @@ def test_regression_model_quantizes_with_regression_metrics(cli):
     ok(cli("train", "dataset=diabetes", "model=mlp", "trainer.epochs=3", "trainer.device=cpu", env=ENV))
     ok(cli("quantize", "mode=ptq", "quantizer.calib_batches=4", *CHEAP_QUANTIZE, env=ENV))
     summary = summary_of(only_run(cli.cwd))
-    assert_quantize_summary(summary, mode="ptq", backend="xnnpack", train_run=only_run(cli.cwd, "train").resolve(),
-                            cwd=cli.cwd, task="regression")
+    assert_quantize_summary(
+        summary,
+        mode="ptq",
+        backend="xnnpack",
+        train_run=only_run(cli.cwd, "train").resolve(),
+        cwd=cli.cwd,
+        task="regression",
+    )
     assert summary["comparison"]["mse_increase"] < 0.05 * summary["metrics"]["fp32"]["mse"]
 
 
 @pytest.mark.slow
 def test_resnet_on_synthetic_images_quantizes_with_ptq(cli):
     """Shape coverage: residual adds, a stride-2 stage and global pooling through PT2E and XNNPACK lowering."""
-    ok(cli("train", "model=resnet", "model.widths=[8,8,16]", "dataset=synthetic", "dataset.num_samples=256",
-           "trainer.epochs=1", "trainer.device=cpu", env=ENV))
+    ok(
+        cli(
+            "train",
+            "model=resnet",
+            "model.widths=[8,8,16]",
+            "dataset=synthetic",
+            "dataset.num_samples=256",
+            "trainer.epochs=1",
+            "trainer.device=cpu",
+            env=ENV,
+        )
+    )
     ok(cli("quantize", "mode=ptq", "quantizer.calib_batches=4", *CHEAP_QUANTIZE, env=ENV))
     summary = summary_of(only_run(cli.cwd))
-    assert_quantize_summary(summary, mode="ptq", backend="xnnpack", train_run=only_run(cli.cwd, "train").resolve(), cwd=cli.cwd)
+    assert_quantize_summary(
+        summary, mode="ptq", backend="xnnpack", train_run=only_run(cli.cwd, "train").resolve(), cwd=cli.cwd
+    )
     assert summary["comparison"]["top1_agreement"] >= 0.9 and summary["comparison"]["size_ratio"] < 0.35
 
 

@@ -7,7 +7,8 @@ that are either the old or the new version, never half of one.
 Covered elsewhere (not repeated here):
 - two concurrent `dlrun train` get distinct run dirs, `name=../../etc` stays inside outputs/:
   test_train_cli.py::test_concurrent_runs_get_distinct_dirs_inside_outputs, ::test_reserve_run_dir_in_the_same_second
-- a single Ctrl-C (exit 130, resume hint, resume == uninterrupted): test_train_cli.py::test_interrupted_run_resumes_to_the_same_result
+- a single Ctrl-C (exit 130, resume hint, resume == uninterrupted):
+  test_train_cli.py::test_interrupted_run_resumes_to_the_same_result
 - mistyped keys, unknown options, wrong types/ranges on the CLI: test_config.py
 - checkpoint.load refusing malicious/truncated/garbage/foreign files, and eval of a malicious one: test_eval_cli.py
 """
@@ -30,23 +31,39 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_train_cli import assert_same_training
 
-from helpers import (
-    PYTHON, TIMESTAMP, TINY_EPOCHS, TINY_MODEL, TINY_TRAIN, Result, error_line, ok, read_jsonl, run_dirs, run_dlrun,
-    subprocess_env,
-)
 from dlrun.config import compose, validate
 from dlrun.core import checkpoint, files, locks, rundir
 from dlrun.core.errors import DlrunError, UsageError
-from test_train_cli import assert_same_training
+from helpers import (
+    PYTHON,
+    TIMESTAMP,
+    TINY_EPOCHS,
+    TINY_MODEL,
+    TINY_TRAIN,
+    Result,
+    error_line,
+    ok,
+    read_jsonl,
+    run_dirs,
+    run_dlrun,
+    subprocess_env,
+)
 
 # A few seconds of work at most: for tests that need *a* finished run, not a good model.
 SMALL = ("trainer.device=cpu", "dataset=synthetic", "dataset.num_samples=256", *TINY_MODEL, "trainer.epochs=2")
 
 
 def popen_dlrun(args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "dlrun", *map(str, args)], cwd=cwd, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [PYTHON, "-m", "dlrun", *map(str, args)],
+        cwd=cwd,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> Result:
@@ -132,8 +149,14 @@ main()
 
 
 def run_before_epoch(args, cwd: Path, at: int, fault: str = "") -> Result:
-    proc = subprocess.run([PYTHON, "-c", BEFORE_EPOCH, *args], cwd=cwd, env=subprocess_env(AT=str(at), FAULT=fault),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [PYTHON, "-c", BEFORE_EPOCH, *args],
+        cwd=cwd,
+        env=subprocess_env(AT=str(at), FAULT=fault),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -189,14 +212,14 @@ def test_second_ctrl_c_exits_at_once_and_leaves_a_resumable_run(trained_run, tmp
 
 def test_ctrl_c_handler_first_interrupts_then_exits_at_once(tmp_path, monkeypatch):
     """The handler `dlrun train` installs: KeyboardInterrupt first, then os._exit(130) without unwinding."""
-    from dlrun.commands import train
+    from dlrun.training import session
 
     lock = locks.acquire_lock(tmp_path)
-    handler = train._on_interrupt(lock)
+    handler = session.on_interrupt(lock)
     with pytest.raises(KeyboardInterrupt):
         handler(signal.SIGINT, None)
     assert lock.exists()
-    monkeypatch.setattr(train.os, "_exit", lambda code: sys.exit(f"os._exit({code})"))
+    monkeypatch.setattr(session.os, "_exit", lambda code: sys.exit(f"os._exit({code})"))
     with pytest.raises(SystemExit, match=r"os._exit\(130\)"):
         handler(signal.SIGINT, None)
     assert not lock.exists()  # released on the way out
@@ -236,7 +259,10 @@ def _write_metrics(path: Path, version: int) -> None:
 
 WRITERS = {
     "atomic_write_bytes": ("last.pt", lambda path, v: files.atomic_write_bytes(path, bytes([v]) * 100_000)),
-    "checkpoint.save": ("best.pt", lambda path, v: checkpoint.save(path, {"model": {"w": torch.full((1000,), v)}, "config": {}})),
+    "checkpoint.save": (
+        "best.pt",
+        lambda path, v: checkpoint.save(path, {"model": {"w": torch.full((1000,), v)}, "config": {}}),
+    ),
     "write_json": ("summary.json", lambda path, v: files.write_json(path, {"version": v, "rows": list(range(1000))})),
     "metrics": ("metrics.jsonl", _write_metrics),
 }
@@ -335,8 +361,14 @@ def test_sigkill_while_writing_leaves_the_old_or_the_new_file(tmp_path):
 
 # Epoch 1 trains normally; scheduler=step multiplies the lr by 1e30 from epoch 2 on, so Adam's first step
 # there makes the weights astronomically large and the next forward pass overflows: loss inf/NaN at step 2.
-EXPLODE_IN_EPOCH_2 = (*SMALL, "trainer.deterministic=true", "optimizer.lr=0.01", "scheduler=step", "scheduler.step_epochs=1",
-                      "scheduler.gamma=1e30")
+EXPLODE_IN_EPOCH_2 = (
+    *SMALL,
+    "trainer.deterministic=true",
+    "optimizer.lr=0.01",
+    "scheduler=step",
+    "scheduler.step_epochs=1",
+    "scheduler.gamma=1e30",
+)
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoints_bitwise(tmp_path):
@@ -442,8 +474,12 @@ def test_cuda_without_a_gpu_is_a_usage_error(cli):
 
 
 def test_model_dataset_mismatch_is_caught_before_training(cli):
-    error_line(cli("train", "dataset=diabetes", "model=lenet", "trainer.device=cpu"), 2,
-               "model lenet needs image input", "model=mlp")
+    error_line(
+        cli("train", "dataset=diabetes", "model=lenet", "trainer.device=cpu"),
+        2,
+        "model lenet needs image input",
+        "model=mlp",
+    )
     assert_nothing_but_logs(cli.cwd)
 
 
@@ -470,13 +506,27 @@ def _image_folder(root: Path, case: str) -> tuple[Path, str]:
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param("missing", marks=pytest.mark.slow), pytest.param("empty", marks=pytest.mark.slow),
-     pytest.param("class_without_images", marks=pytest.mark.slow), "unreadable"],
+    [
+        pytest.param("missing", marks=pytest.mark.slow),
+        pytest.param("empty", marks=pytest.mark.slow),
+        pytest.param("class_without_images", marks=pytest.mark.slow),
+        "unreadable",
+    ],
 )
 def test_bad_image_folder_is_one_line_naming_the_path(cli, case):
     root, message = _image_folder(cli.cwd / "images", case)
-    error_line(cli("train", "dataset=image_folder", f"dataset.root={root}", "dataset.num_workers=0",
-                   "trainer.device=cpu", "model=linear"), 1, message)
+    error_line(
+        cli(
+            "train",
+            "dataset=image_folder",
+            f"dataset.root={root}",
+            "dataset.num_workers=0",
+            "trainer.device=cpu",
+            "model=linear",
+        ),
+        2,
+        message,
+    )
     assert_nothing_but_logs(cli.cwd)
 
 
@@ -493,7 +543,11 @@ class RunsCode:
 @pytest.fixture
 def foreign_checkpoints(trained_run, tmp_path):
     real = (trained_run.run_dir / "checkpoints" / "best.pt").read_bytes()
-    files = {"truncated": tmp_path / "truncated.pt", "text": tmp_path / "notes.pt", "mismatch": tmp_path / "mismatch.pt"}
+    files = {
+        "truncated": tmp_path / "truncated.pt",
+        "text": tmp_path / "notes.pt",
+        "mismatch": tmp_path / "mismatch.pt",
+    }
     files["truncated"].write_bytes(real[: len(real) * 2 // 3])
     files["text"].write_text("definitely not weights\n")
     # Its config says LeNet channels [8,16], its weights come from channels [32,64].
@@ -515,7 +569,9 @@ def foreign_checkpoints(trained_run, tmp_path):
     ],
 )
 def test_eval_refuses_broken_checkpoints(foreign_checkpoints, cli, kind, message):
-    error_line(cli("eval", f"ckpt={foreign_checkpoints[kind]}", "device=cpu"), 2, message, foreign_checkpoints[kind].name)
+    error_line(
+        cli("eval", f"ckpt={foreign_checkpoints[kind]}", "device=cpu"), 2, message, foreign_checkpoints[kind].name
+    )
     assert_nothing_but_logs(cli.cwd, "eval")
 
 
@@ -530,13 +586,52 @@ def test_eval_of_a_run_dir_without_checkpoint(cli):
 _DEFAULTS = validate._leaves(compose.compose("train", []))
 _LEAVES = sorted(k for k, v in _DEFAULTS.items() if not isinstance(v, dict))
 _GROUPS = {g: o for g, o in compose.groups().items() if g in ("dataset", "model", "optimizer", "scheduler", "trainer")}
-_VALUES = ["1", "0", "-1", "2.5", "1e30", "nan", "inf", "-inf", "true", "false", "null", "abc", "''", "'a b'",
-           "[]", "[1,2]", "[8,16]", "[a,b]", "{a:1}", "{}", "${trainer.seed}", "${oops}", "???", "1,2", "range(1,3)",
-           "cpu", "cuda", "cuda:0", "tpu", "auto", "stop", "skip_batch", "bf16", "fp16", "../../etc", "ü", "a=b", ""]
+_VALUES = [
+    "1",
+    "0",
+    "-1",
+    "2.5",
+    "1e30",
+    "nan",
+    "inf",
+    "-inf",
+    "true",
+    "false",
+    "null",
+    "abc",
+    "''",
+    "'a b'",
+    "[]",
+    "[1,2]",
+    "[8,16]",
+    "[a,b]",
+    "{a:1}",
+    "{}",
+    "${trainer.seed}",
+    "${oops}",
+    "???",
+    "1,2",
+    "range(1,3)",
+    "cpu",
+    "cuda",
+    "cuda:0",
+    "tpu",
+    "auto",
+    "stop",
+    "skip_batch",
+    "bf16",
+    "fp16",
+    "../../etc",
+    "ü",
+    "a=b",
+    "",
+]
 
 _key = st.one_of(
     st.sampled_from(_LEAVES),
-    st.sampled_from(_LEAVES).flatmap(lambda k: st.sampled_from([k + "x", k[:-1], k.replace(".", "_"), k.upper(), k + ".sub"])),
+    st.sampled_from(_LEAVES).flatmap(
+        lambda k: st.sampled_from([k + "x", k[:-1], k.replace(".", "_"), k.upper(), k + ".sub"])
+    ),
     st.sampled_from(sorted(_GROUPS)),
     st.text(alphabet=string.ascii_letters + "._-/ ü0", min_size=0, max_size=12),
 )
@@ -581,7 +676,11 @@ def _validate_or_usage_error(overrides: list[str]) -> None:
         assert str(exc) and "\n" not in str(exc), overrides
         return
     # what the CLI does next with an accepted config: these may only raise UsageError too
-    for check in (lambda: validate.check_no_sweep(overrides), lambda: validate.check_complete(cfg), lambda: cfg.get("name")):
+    for check in (
+        lambda: validate.check_no_sweep(overrides),
+        lambda: validate.check_complete(cfg),
+        lambda: cfg.get("name"),
+    ):
         try:
             check()
         except UsageError:
@@ -602,7 +701,9 @@ def test_validate_raises_only_usage_errors_500(overrides):
 
 
 @pytest.mark.slow
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(overrides=_overrides)
 def test_cli_cfg_job_never_shows_a_traceback(tmp_path, overrides):
     result = run_dlrun(["train", *overrides, "--cfg", "job"], tmp_path, timeout=120)
@@ -652,7 +753,7 @@ def test_any_run_name_is_one_path_component_inside_outputs(tmp_path, monkeypatch
     run = rundir.reserve_run_dir("train", name)
     try:
         assert run.parent == rundir.OUTPUTS / "train"
-        assert re.fullmatch(TIMESTAMP + r"(_[A-Za-z0-9_.-]{1,80})?(-\d+)?", run.name), run.name
+        assert re.fullmatch(TIMESTAMP + r"(_[\w.-]{1,80})?(-\d+)?", run.name), run.name
         assert run.resolve().parent == (tmp_path / "outputs" / "train").resolve()
     finally:
         run.rmdir()
@@ -662,7 +763,7 @@ def test_summaries_and_checkpoints_hold_no_absolute_paths(cli):
     """train (with a name full of slashes, spaces and unicode) + eval of it: nothing records this machine's cwd."""
     ok(cli("train", *SMALL, "name='../../my run/ü'"))
     (run,) = run_dirs(cli.cwd)
-    assert re.fullmatch(TIMESTAMP + "_my-run", run.name) and run.parent == cli.cwd / "outputs" / "train"
+    assert re.fullmatch(TIMESTAMP + "_my-run-ü", run.name) and run.parent == cli.cwd / "outputs" / "train"
     ok(cli("eval", f"run={run.relative_to(cli.cwd)}", "device=cpu", "latency_repeats=2"))
     (evaluated,) = run_dirs(cli.cwd, "eval")
     cwd_forms = {str(cli.cwd), str(cli.cwd.resolve())}
@@ -673,7 +774,9 @@ def test_summaries_and_checkpoints_hold_no_absolute_paths(cli):
     }
     for name in ("last.pt", "best.pt"):
         saved = torch.load(run / "checkpoints" / name, weights_only=True)
-        texts[name] = json.dumps({k: v for k, v in saved.items() if k not in ("model", "optimizer", "rng")}, default=str)
+        texts[name] = json.dumps(
+            {k: v for k, v in saved.items() if k not in ("model", "optimizer", "rng")}, default=str
+        )
         assert saved["config"]["name"] == "../../my run/ü"  # as given: the user's words, not a path
     for what, text in texts.items():
         for form in cwd_forms:

@@ -12,11 +12,21 @@ import pytest
 import torch
 import yaml
 
+from dlrun.core import rundir
 from helpers import (
-    MICRO_TRAIN, PYTHON, TIMESTAMP, TINY_EPOCHS, TINY_TRAIN, Result, error_line, ok, read_jsonl, run_dirs, run_dlrun,
+    MICRO_TRAIN,
+    PYTHON,
+    TIMESTAMP,
+    TINY_EPOCHS,
+    TINY_TRAIN,
+    Result,
+    error_line,
+    ok,
+    read_jsonl,
+    run_dirs,
+    run_dlrun,
     subprocess_env,
 )
-from dlrun.core import rundir
 
 COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "samples_per_s"]
 TIMING = {"seconds", "samples_per_s"}
@@ -30,8 +40,16 @@ def test_run_directory_layout(trained_run):
     run = trained_run.run_dir
     assert run.parent == (trained_run.cwd / "outputs" / "train").resolve()
     assert re.fullmatch(TIMESTAMP + "_tiny", run.name)  # name=tiny becomes the suffix
-    for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/last.pt", "checkpoints/best.pt",
-                 "metrics.csv", "metrics.jsonl", "summary.json", "train.log"):
+    for path in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "metrics.csv",
+        "metrics.jsonl",
+        "summary.json",
+        "train.log",
+    ):
         assert (run / path).is_file(), path
     assert not (run / ".lock").exists()  # released when the run ends
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
@@ -127,10 +145,14 @@ def test_reserve_run_dir_in_the_same_second(tmp_path, monkeypatch):
 def test_concurrent_runs_get_distinct_dirs_inside_outputs(tmp_path):
     """Two runs started together (usually in the same second), with a name that tries to escape."""
     args = [PYTHON, "-m", "dlrun", "train", *MICRO_TRAIN, "name=../../etc"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
-    for proc, (out, err) in zip(procs, results):
+    for proc, (_out, err) in zip(procs, results):
         assert proc.returncode == 0, err
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 2
@@ -144,8 +166,18 @@ def test_concurrent_runs_get_distinct_dirs_inside_outputs(tmp_path):
 
 def test_regression_in_a_chosen_run_dir(cli):
     """dataset=diabetes model=mlp reports mse/mae/r2 in target units; hydra.run.dir=X is where it goes."""
-    result = ok(cli("train", "dataset=diabetes", "model=mlp", "model.hidden=[32]", "trainer.epochs=3",
-                    "trainer.device=cpu", "optimizer.lr=0.01", "hydra.run.dir=custom/reg"))
+    result = ok(
+        cli(
+            "train",
+            "dataset=diabetes",
+            "model=mlp",
+            "model.hidden=[32]",
+            "trainer.epochs=3",
+            "trainer.device=cpu",
+            "optimizer.lr=0.01",
+            "hydra.run.dir=custom/reg",
+        )
+    )
     run = cli.cwd / "custom" / "reg"
     assert not (cli.cwd / "outputs").exists()
     summary = json.loads((run / "summary.json").read_text())
@@ -189,7 +221,7 @@ def test_cfg_job_prints_the_config_and_writes_nothing(cli):
 
 
 def test_dataset_errors_reach_the_user_as_one_line(cli):
-    line = error_line(cli("train", "dataset=mnist", f"dataset.root={cli.cwd / 'data'}", "trainer.device=cpu"), 1)
+    line = error_line(cli("train", "dataset=mnist", f"dataset.root={cli.cwd / 'data'}", "trainer.device=cpu"), 2)
     assert f"MNIST not found in {cli.cwd / 'data' / 'MNIST' / 'raw'}" in line and "train-images-idx3-ubyte" in line
 
 
@@ -225,7 +257,10 @@ def assert_same_training(run_dir, reference_dir):
     assert mine["scheduler"] == ref["scheduler"]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(read_jsonl(run_dir / "metrics.jsonl")) == strip(read_jsonl(reference_dir / "metrics.jsonl"))
-    assert json.loads((run_dir / "summary.json").read_text())["metrics"] == json.loads((reference_dir / "summary.json").read_text())["metrics"]
+    assert (
+        json.loads((run_dir / "summary.json").read_text())["metrics"]
+        == json.loads((reference_dir / "summary.json").read_text())["metrics"]
+    )
 
 
 def test_interrupted_run_resumes_to_the_same_result(trained_run, tmp_path):
@@ -274,3 +309,16 @@ def test_resume_needs_a_train_run_directory(cli):
     (cli.cwd / "empty").mkdir()
     error_line(cli("train", "resume=empty"), 2, "cannot resume empty: no checkpoints/last.pt")
     assert not (cli.cwd / "outputs").exists()
+
+
+def test_resuming_a_finished_run_or_stretching_its_schedule_says_so(trained_run, tmp_path):
+    """A finished run resumed re-evaluates and rewrites its summary, and more epochs stretch its schedule:
+    each says so in one line."""
+    import shutil
+
+    run = tmp_path / "outputs" / "train" / trained_run.run_dir.name
+    shutil.copytree(trained_run.run_dir, run)
+    again = ok(run_dlrun(["train", f"resume={run}"], tmp_path))
+    assert f"already finished its {TINY_EPOCHS} epochs" in again.stdout and "summary.json rewritten" in again.stdout
+    longer = ok(run_dlrun(["train", f"resume={run}", f"trainer.epochs={TINY_EPOCHS + 1}"], tmp_path))
+    assert f"trainer.epochs {TINY_EPOCHS} -> {TINY_EPOCHS + 1}" in longer.stdout and "stretched" in longer.stdout

@@ -1,9 +1,9 @@
 """The capability tables are the single source of truth: validation, `dlrun ls` and the README follow them."""
 
 import pytest
-from helpers import REPO
 
-from dlrun import capabilities
+from dlrun.config import capabilities
+from helpers import REPO
 
 README = (REPO / "README.md").read_text()
 
@@ -36,6 +36,8 @@ def test_ls_shows_the_tables_without_importing_torch(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "dlrun", "ls", "quantizer"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dlrun", "ls", "quantizer"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "x86_inductor" in out.stdout and "torchao" in out.stdout
     assert not any(line.rsplit("|", 1)[-1].strip() == "torch" for line in out.stderr.splitlines())

@@ -13,8 +13,8 @@ import torch
 
 from dlrun import data
 from dlrun.config import validate
-from dlrun.data import Augment, TensorSplit, split_indices
 from dlrun.core.errors import DlrunError
+from dlrun.data import Augment, TensorSplit, split_indices
 
 CPU = torch.device("cpu")
 
@@ -77,8 +77,13 @@ def test_diabetes_is_regression_with_standardized_targets():
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_synthetic_any_shape(task):
     outputs = 4 if task == "classification" else 1
-    d = build("dataset=synthetic", "dataset.num_samples=200", "dataset.input_shape=[3,6,5]",
-              f"dataset.num_outputs={outputs}", f"dataset.task={task}")
+    d = build(
+        "dataset=synthetic",
+        "dataset.num_samples=200",
+        "dataset.input_shape=[3,6,5]",
+        f"dataset.num_outputs={outputs}",
+        f"dataset.task={task}",
+    )
     assert d.task == task and d.input_shape == (3, 6, 5) and d.num_outputs == outputs
     assert len(d.train) + len(d.val) + len(d.test) == 200
     assert d.train.x.shape[1:] == (3, 6, 5)
@@ -89,7 +94,9 @@ def test_synthetic_any_shape(task):
 
 
 def test_declared_shape_must_match_the_data():
-    with pytest.raises(DlrunError, match=r"dataset digits has input shape \[1, 8, 8\], but dataset.input_shape is \[1, 9, 9\]"):
+    with pytest.raises(
+        DlrunError, match=r"dataset digits has input shape \[1, 8, 8\], but dataset.input_shape is \[1, 9, 9\]"
+    ):
         build("dataset=digits", "dataset.input_shape=[1,9,9]")
 
 
@@ -130,8 +137,12 @@ def test_crop_is_a_shifted_window_of_the_zero_padded_image():
     padded = torch.nn.functional.pad(x, (p, p, p, p))
     shifts = set()
     for i in range(len(x)):
-        matches = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
-                   if torch.equal(out[i], padded[i, :, dy : dy + 6, dx : dx + 6])]
+        matches = [
+            (dy, dx)
+            for dy in range(2 * p + 1)
+            for dx in range(2 * p + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + 6, dx : dx + 6])
+        ]
         assert matches, f"sample {i} is not a crop of its padded input"
         shifts.add(matches[0])
     assert len(shifts) > 1  # per-sample random offsets, not one for the batch
@@ -151,7 +162,9 @@ def test_flip_is_per_sample():
 
 def write_idx(path, array: np.ndarray) -> None:
     """An idx ubyte file as MNIST ships it (big-endian magic 0x08 = ubyte, then the dimensions)."""
-    path.write_bytes(struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+    path.write_bytes(
+        struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    )
 
 
 def write_mnist(root, cls_name: str, n_train: int = 20, n_test: int = 10, seed: int = 0):
@@ -187,8 +200,10 @@ def write_cifar(root, n_per_batch: int = 3, seed: int = 0):
     folder.mkdir(parents=True)
     batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, size=n_per_batch)]}
+        batch = {
+            "data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, size=n_per_batch)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
         batches[name] = batch
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
@@ -261,8 +276,15 @@ def write_images(root, layout: dict[str, int]):
 
 
 def image_folder(root, *extra):
-    return build("dataset=image_folder", f"dataset.root={root}", "dataset.image_size=16", "dataset.num_workers=0",
-                 "dataset.val_fraction=0.2", "dataset.test_fraction=0.2", *extra)
+    return build(
+        "dataset=image_folder",
+        f"dataset.root={root}",
+        "dataset.image_size=16",
+        "dataset.num_workers=0",
+        "dataset.val_fraction=0.2",
+        "dataset.test_fraction=0.2",
+        *extra,
+    )
 
 
 def test_image_folder(tmp_path):

@@ -85,7 +85,8 @@ _REFUSAL_REASONS = {
 
 
 def quantized_source_kind(mode: str, backend: str, dtype: str = "int8") -> str:
-    """The source kind of a program made by dlrun.quantization (mode, quantizer backend, weight_only dtype)."""
+    """The source kind of a program made by dlrun.compression.quantization (mode, quantizer backend, and the
+    weight_only dtype)."""
     if mode == "weight_only":
         return {"int8": "weight_only", "int4": "weight_only_int4", "int8_dynamic": "weight_only_int8_dynamic"}[dtype]
     kind = {"xnnpack": "pt2e_int8", "x86_inductor": "pt2e_int8_x86"}[backend]

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ONE_THREAD_ENV, error_line, ok, run_dirs, subprocess_env
+from helpers import ONE_THREAD_ENV, crash_hook, error_line, ok, run_dirs, subprocess_env
 
 ENV = subprocess_env(**ONE_THREAD_ENV)
 VERIFY_SAMPLES = 256  # conf/export/*.yaml verify_samples; the digits test split has 359
+PTE_BATCHES = (1, 32, 64)  # verified: batch 1, a middle size and max_batch (conf/export/pte.yaml: 64)
+PT2_ONNX_BATCHES = (1, 512, 1024)  # max_batch 1024 (conf/export/pt2.yaml, onnx.yaml)
 
 
 def summary_of(run: Path) -> dict:
@@ -28,7 +30,7 @@ def only_run(cwd: Path, command: str = "export") -> Path:
     return run
 
 
-def assert_verified(summary: dict, *, fmt: str, backend: str, source_kind: str, batch_sizes=(1, 32)) -> None:
+def assert_verified(summary: dict, *, fmt: str, backend: str, source_kind: str, batch_sizes=PTE_BATCHES) -> None:
     assert summary["command"] == "export" and summary["format"] == fmt and summary["backend"] == backend
     assert summary["source_kind"] == source_kind
     verification = summary["verification"]
@@ -36,8 +38,11 @@ def assert_verified(summary: dict, *, fmt: str, backend: str, source_kind: str, 
     assert verification["batch_sizes"] == list(batch_sizes)
     fp32 = source_kind == "fp32"
     assert verification["top1_agreement"] >= (0.99 if fp32 else 0.97)
-    assert verification["max_abs_diff"] <= (1e-4 if fp32 else 0.5) and verification["relative_diff"] <= (1e-3 if fp32 else 0.1)
+    assert verification["max_abs_diff"] <= (1e-4 if fp32 else 0.5) and verification["relative_diff"] <= (
+        1e-3 if fp32 else 0.1
+    )
     assert summary["metrics"]["test"]["accuracy"] == verification["accuracy"] > 0.8
+    assert summary["metrics"]["test"]["samples"] == verification["samples"] > 0  # every accuracy says out of how many
     assert summary["size_bytes"] > 0
 
 
@@ -64,8 +69,11 @@ def test_int8_pte_runs_its_int8_ops_inside_xnnpack(int8_pte, ptq_run, pipeline):
     delegation = summary["delegation"]
     assert delegation["delegated_nodes"] > 0
     int8_ops = {op: counts for op, counts in delegation.items() if op.startswith("quantized_decomposed_")}
-    assert {"quantized_decomposed_quantize_per_tensor_default", "quantized_decomposed_dequantize_per_tensor_default",
-            "quantized_decomposed_dequantize_per_channel_default"} <= set(int8_ops)
+    assert {
+        "quantized_decomposed_quantize_per_tensor_default",
+        "quantized_decomposed_dequantize_per_tensor_default",
+        "quantized_decomposed_dequantize_per_channel_default",
+    } <= set(int8_ops)
     assert all(c["delegated"] > 0 and c["portable"] == 0 for c in int8_ops.values()), int8_ops  # none left to portable
     assert delegation["aten_convolution_default"]["portable"] == delegation["aten_linear_default"]["portable"] == 0
 
@@ -88,12 +96,37 @@ def test_verification_that_cannot_pass_fails_the_export_and_keeps_the_evidence(t
     assert (run / "model.pt2").is_file()
 
 
+def test_a_runtime_crash_fails_the_export_in_one_line_and_never_labels_it_verified(trained_run, cli, tmp_path):
+    # The verification child dies of SIGSEGV at max_batch, as issue 14's int8 mobilenet_v2 .pte did in dlrun itself.
+    env = subprocess_env(**ONE_THREAD_ENV, PYTHONPATH=crash_hook(tmp_path / "hook", "SIGSEGV", at_batch=64))
+    result = cli("export", "format=pt2", "export.max_batch=64", f"run={trained_run.run_dir}", env=env)
+    reason = "the PyTorch runtime crashed (SIGSEGV) at batch 64"
+    error_line(result, 1, f"verification failed: {reason}", "kept for inspection")
+    assert "verified in its runtime" not in result.stdout
+    run = only_run(cli.cwd)
+    summary = summary_of(run)
+    assert summary["verification"] == {
+        "passed": False,
+        "reason": reason,
+        "batch_sizes": [1, 32, 64],
+        "samples": 0,
+        "max_abs_diff": 0.0,
+        "relative_diff": 0.0,
+        "top1_agreement": None,
+        "accuracy": None,
+    }
+    assert summary["metrics"]["test"]["accuracy"] is None
+    assert (run / "model.pt2").is_file()
+
+
 def test_unknown_format_is_refused_listing_the_formats(cli):
     error_line(cli("export", "format=tflite"), 2, "'tflite'", "onnx, pt2, pte")
 
 
 def test_unknown_backend_is_refused_listing_the_backends(trained_run, cli):
-    line = error_line(cli("export", "format=pte", "backend=coreml", f"run={trained_run.run_dir}", env=ENV), 2, "backend=coreml")
+    line = error_line(
+        cli("export", "format=pte", "backend=coreml", f"run={trained_run.run_dir}", env=ENV), 2, "backend=coreml"
+    )
     assert "backend=xnnpack: fp32" in line and "backend=portable: fp32" in line
 
 
@@ -147,13 +180,27 @@ OTHER_EXPORTS = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "backend", "extra"), OTHER_EXPORTS, ids=["pte-portable", "pt2", "onnx", "pte-batch1"])
 def test_fp32_exports_are_verified_in_their_runtime(fmt, backend, extra, trained_run, cli):
-    ok(cli("export", f"format={fmt}", *([f"backend={backend}"] if fmt == "pte" else []), *extra,
-           f"run={trained_run.run_dir}", env=ENV))
+    ok(
+        cli(
+            "export",
+            f"format={fmt}",
+            *([f"backend={backend}"] if fmt == "pte" else []),
+            *extra,
+            f"run={trained_run.run_dir}",
+            env=ENV,
+        )
+    )
     run = only_run(cli.cwd)
     summary = summary_of(run)
     dynamic = not extra
     if dynamic:
-        assert_verified(summary, fmt=fmt, backend=backend, source_kind="fp32")
+        assert_verified(
+            summary,
+            fmt=fmt,
+            backend=backend,
+            source_kind="fp32",
+            batch_sizes=PTE_BATCHES if fmt == "pte" else PT2_ONNX_BATCHES,
+        )
     else:  # a fixed batch of 1: verified one sample at a time (the first 64 test samples)
         assert summary["verification"]["passed"] and summary["verification"]["batch_sizes"] == [1]
         assert summary["verification"]["samples"] == 64 and summary["verification"]["top1_agreement"] == 1.0

@@ -1,0 +1,116 @@
+"""What an epoch of `Loop.fit` does besides training and validating: write metrics, checkpoint, log, stop early.
+
+A callback is a plain object with the hooks on_fit_start(loop), on_epoch_start(loop, epoch),
+on_epoch_end(loop, result) and on_fit_end(loop) (subclass Callback for no-op defaults), plus on_step() if it
+needs every optimizer step. Hooks run in list order; they read `loop.state` and may set `state.should_stop`.
+Later needs are one small callback each: TensorBoard/MLflow (log result.row), EMA (average weights in on_step),
+Optuna pruning (report the monitored metric, set should_stop), DDP (writers added on rank 0 only; a first callback
+all-reduces the per-rank train_loss/samples_per_s of result.row, val being the same full split on every rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from dlrun.core import checkpoint as ckpt
+from dlrun.core import files, provenance, ui
+from dlrun.training import env
+from dlrun.training.loop import Callback, EpochResult, Loop
+
+log = logging.getLogger("dlrun")
+BEST, LAST = "best.pt", "last.pt"
+
+
+class Progress(Callback):
+    """A live bar over the fit's optimizer steps on a terminal (ui.progress); nothing elsewhere."""
+
+    def __init__(self, description: str = "training"):
+        self.description = description
+        self._bar = contextlib.ExitStack()
+        self._advance: Callable[[], None] | None = None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        steps_per_epoch = math.ceil(len(loop.data.train) / loop.config.batch_size)
+        total = steps_per_epoch * (loop.config.epochs - loop.state.epoch)
+        self._advance = self._bar.enter_context(ui.progress(total, self.description))
+
+    def on_step(self) -> None:
+        if self._advance is not None:  # None off a terminal
+            self._advance()
+
+    def on_fit_end(self, loop: Loop) -> None:
+        self._bar.close()  # also on Ctrl-C: log lines go back to the real stdout
+
+
+class MetricsWriter(Callback):
+    """metrics.csv and metrics.jsonl in `folder`, one row per completed epoch, rewritten whole (atomically)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
+        files.write_rows(self.folder, "metrics", loop.state.rows)
+
+
+class Checkpointer(Callback):
+    """`folder`/last.pt after every epoch, best.pt after every improvement: everything a resume needs."""
+
+    def __init__(self, folder: Path, config: dict):
+        self.folder = Path(folder)
+        self.config = config  # the resolved run config: later commands rebuild the model from it
+
+    def on_fit_start(self, loop: Loop) -> None:
+        if loop.state.epoch == 0:  # so Ctrl-C in the first epoch still leaves a last.pt to resume from
+            ckpt.save(self.folder / LAST, self._snapshot(loop))
+
+    def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
+        snapshot = self._snapshot(loop)
+        if result.improved:
+            ckpt.save(self.folder / BEST, snapshot)
+        ckpt.save(self.folder / LAST, snapshot)
+
+    def _snapshot(self, loop: Loop) -> dict:
+        return {
+            ckpt.MODEL: loop.model.state_dict(),
+            ckpt.OPTIMIZER: loop.optimizer.state_dict(),
+            ckpt.SCHEDULER: loop.scheduler.state_dict(),
+            ckpt.EPOCH: loop.state.epoch,
+            ckpt.RNG: env.rng_state(),
+            ckpt.TRAINER_STATE: loop.state.to_checkpoint(),
+            ckpt.CONFIG: self.config,
+            ckpt.VERSIONS: provenance.versions(),
+            ckpt.GIT_COMMIT: provenance.git_commit(),
+        }
+
+
+class EarlyStopping(Callback):
+    """Stop after `patience` epochs without a better monitored val metric; None or 0 never stops."""
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+
+    def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
+        if self.patience and loop.state.stale_epochs >= self.patience:
+            log.info(f"early stopping: no better val_{loop.monitor[0]} for {self.patience} epochs")
+            loop.state.should_stop = True
+
+
+class EpochLog(Callback):
+    """One line per epoch; ` *` marks a new best."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix  # e.g. "qat ", to tell fine-tuning epochs from training ones
+
+    def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
+        stats, val = result.stats, result.val
+        headline = "accuracy" if loop.data.task == "classification" else "r2"  # orders epochs as val loss does
+        log.info(
+            f"{self.prefix}epoch {result.epoch}/{loop.config.epochs}  train_loss {stats.loss:.4f}  "
+            f"val_loss {val['loss']:.4f}  val_{headline} {val[headline]:.4f}{' *' if result.improved else ''}  "
+            f"lr {result.row['lr']:.3g}  {stats.seconds:.2f}s  {stats.samples_per_s:,.0f} samples/s"
+            + (f"  skipped {stats.skipped_batches} non-finite batches" if stats.skipped_batches else "")
+        )

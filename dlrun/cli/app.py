@@ -63,13 +63,27 @@ for _command in COMMANDS.values():
     app.command(name=_command.name, help=_command.help, context_settings=PASS_THROUGH)(_hydra_command(_command.name))
 
 
+RUNS = "runs"  # `dlrun ls runs`: past runs, not a config group (there is none of that name)
+
+
 @app.command(name="ls")
-def list_configs(group: str | None = typer.Argument(None, help="Only this config group.")):
-    """List config groups and their options (e.g. [bold]dlrun ls model[/bold])."""
+def list_configs(
+    group: str | None = typer.Argument(None, help=f"Only this config group, or [bold]{RUNS}[/bold]: past runs."),
+    command: str | None = typer.Option(None, "--command", help=f"{RUNS}: only runs of this command (e.g. train)."),
+    last: int | None = typer.Option(None, "--last", min=0, help=f"{RUNS}: only the N most recent runs."),
+    sort: str | None = typer.Option(None, "--sort", help=f"{RUNS}: best first by this test metric, params or date."),
+):
+    """List config groups and their options (e.g. [bold]dlrun ls model[/bold]), or past runs under outputs/
+    ([bold]dlrun ls runs --command train --last 5 --sort accuracy[/bold])."""
     from rich.table import Table
 
     from dlrun.core import ui
 
+    if group == RUNS:
+        _list_runs(command, last, sort)
+        return
+    if (command, last, sort) != (None, None, None):
+        fail(UsageError(f"--command, --last and --sort apply to `dlrun ls {RUNS}` only"), verbose=False)
     available = compose.groups()
     if group is not None and group not in available:
         from dlrun.config.validate import unknown_choice
@@ -87,6 +101,27 @@ def list_configs(group: str | None = typer.Argument(None, help="Only this config
         from dlrun.config import capabilities
 
         ui.print_table(capabilities.rich_table(group), log=False)
+
+
+def _list_runs(command: str | None, last: int | None, sort: str | None) -> None:
+    """One table of the runs under outputs/: status, headline test metric, params, lineage (no torch imported)."""
+    from rich.console import Console
+
+    from dlrun.core import run_index, rundir, ui
+
+    entries = run_index.index(rundir.OUTPUTS, command)
+    if sort is not None and sort not in run_index.sort_keys(entries):
+        from dlrun.config.validate import unknown_choice
+
+        fail(UsageError(unknown_choice("sort key", sort, run_index.sort_keys(entries))), verbose=False)
+    entries = run_index.select(entries, last=last, sort=sort)
+    if not entries:
+        where = rundir.OUTPUTS / command if command else rundir.OUTPUTS
+        print(f"no runs under {where}/")
+        return
+    title = f"runs under {rundir.OUTPUTS}/" + (f" (sorted by {sort}, best first)" if sort else "")
+    # Not ui.print_table: its fitting takes unwrapped columns for numbers; here the run and date never wrap either.
+    Console(width=ui.console_width()).print(run_index.rich_table(title, run_index.rows(entries)))
 
 
 def main() -> None:

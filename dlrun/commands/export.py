@@ -41,10 +41,7 @@ def run(cfg: DictConfig) -> None:
     if source.kind == "artifact":
         raise UsageError(f"{source.label} is already an exported artifact; export from a train or quantize run")
     kind = source_kind(source)
-    try:
-        capabilities.check_export_supported(e.format, e.backend, kind)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    capabilities.check_export_supported(e.format, e.backend, kind)
     run_dir = rundir.current()
     data = sources.load_data(source, torch.device("cpu"))
     module = sources.load_predictor(source)
@@ -63,8 +60,6 @@ def run(cfg: DictConfig) -> None:
                 if e.format == "pte"
                 else lower.to_pt2(program, artifact)
             )
-    except ValueError as exc:
-        raise DlrunError(f"export failed: {str(exc).splitlines()[0]}") from None
     except ImportError as exc:  # an optional runtime (onnx, onnxruntime) is missing: the message says what to install
         raise DlrunError(str(exc)) from None
 

@@ -35,10 +35,7 @@ log = logging.getLogger("dlrun")
 def run(cfg: DictConfig) -> None:
     started = time.perf_counter()
     q = cfg.quantizer
-    try:
-        capabilities.check_supported(q.mode, q.backend)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    capabilities.check_supported(q.mode, q.backend)
     if q.mode == "ptq" and q.calib_batches < 1:  # before loading anything
         raise UsageError("quantizer.calib_batches must be >= 1 for ptq (calibration sets the activation ranges)")
     source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train",), trusted=cfg.trust_targets)
@@ -57,29 +54,23 @@ def run(cfg: DictConfig) -> None:
 
     qat_rows: list[dict] = []
     if q.mode == "ptq":
-        quantized = _convert(
-            lambda: quantization.quantize_ptq(
-                fp32,
-                example,
-                _calibration(data, q),
-                backend=q.backend,
-                per_channel=q.per_channel,
-                exclude=list(q.exclude),
-            )
+        quantized = quantization.quantize_ptq(
+            fp32,
+            example,
+            _calibration(data, q),
+            backend=q.backend,
+            per_channel=q.per_channel,
+            exclude=list(q.exclude),
         )
     elif q.mode == "dynamic":
-        quantized = _convert(
-            lambda: quantization.quantize_dynamic(
-                fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)
-            )
+        quantized = quantization.quantize_dynamic(
+            fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)
         )
     elif q.mode == "qat":
         quantized, qat_rows = _quantization_aware_training(cfg, source, fp32, data, example)
     else:
-        quantized = _convert(
-            lambda: quantization.quantize_weight_only(
-                fp32, dtype=q.dtype, group_size=q.group_size, exclude=list(q.exclude)
-            )
+        quantized = quantization.quantize_weight_only(
+            fp32, dtype=q.dtype, group_size=q.group_size, exclude=list(q.exclude)
         )
 
     program = run_dir / sources.QUANTIZED_PROGRAM
@@ -112,14 +103,6 @@ def run(cfg: DictConfig) -> None:
     log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in comparison.items()))
 
 
-def _convert(fn):
-    """Run a quantization step; the stack's errors about the model become one line."""
-    try:
-        return fn()
-    except ValueError as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
-
-
 def _check_exclude(model: torch.nn.Module, names: list[str]) -> None:
     modules = [n for n, _ in model.named_modules() if n]
     for name in names:
@@ -148,10 +131,8 @@ def _quantization_aware_training(cfg, source, fp32, data, example):
     batch_size = q.batch_size or train_cfg.trainer.batch_size
     seed = train_cfg.trainer.seed
     env.seed_everything(seed, False)
-    prepared = _convert(
-        lambda: quantization.prepare_qat(  # on a copy: the exported graph shares fp32's parameters
-            copy.deepcopy(fp32), example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)
-        )
+    prepared = quantization.prepare_qat(  # on a copy: the exported graph shares fp32's parameters
+        copy.deepcopy(fp32), example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)
     )
     optimizer, scheduler = schedulers.build_optimization(
         opt_cfg,

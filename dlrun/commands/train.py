@@ -37,6 +37,8 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
     if cfg.dataset.num_outputs is None:  # image_folder: as many outputs as class folders
         cfg.dataset.num_outputs = data.num_outputs
     model = models.build(cfg.model, data.input_shape).to(device)
+    if cfg.get("init_from") and not cfg.resume:  # a resumed run continues from its own last.pt
+        session.init_weights(model, str(cfg.init_from), device, cfg.trust_targets)
     params = profiling.count_params(model)
     log.info(
         f"train {cfg.model._target_.rsplit('.', 1)[-1]} on {data.task} data {list(data.input_shape)}: "

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dlrun.core.errors import UsageError
+from dlrun.core.errors import Unsupported, UsageError
 from dlrun.core.profiling import count_flops
 
 IMPORTANCES = ("magnitude", "taylor", "bn_scale")
@@ -93,7 +93,7 @@ def prune_structured(
     pruned = copy.deepcopy(model).eval()
     if importance == "taylor":
         if score is None:
-            raise ValueError("taylor importance needs a `score` function that computes gradients")
+            raise Unsupported("taylor importance needs a `score` function that computes gradients")
         score(pruned)
     pruner = _pruner(
         pruned,
@@ -248,7 +248,7 @@ def resize(model: nn.Module, widths: dict, state: dict[str, torch.Tensor]) -> No
             module = model.get_submodule(name)
             for attr, value in attrs.items():
                 if attr not in WIDTH_ATTRS or type(value) is not int:
-                    raise ValueError(f"structure of '{name}' holds {attr}={value!r}")
+                    raise Unsupported(f"structure of '{name}' holds {attr}={value!r}")
                 setattr(module, attr, value)
         for key, tensor in state.items():
             owner_name, _, leaf = key.rpartition(".")
@@ -261,4 +261,4 @@ def resize(model: nn.Module, widths: dict, state: dict[str, torch.Tensor]) -> No
             blank = torch.empty(tensor.shape, dtype=current.dtype, device=current.device)
             tensors[leaf] = nn.Parameter(blank, current.requires_grad) if isinstance(current, nn.Parameter) else blank
     except (AttributeError, TypeError) as exc:
-        raise ValueError(f"pruned structure does not fit {type(model).__name__}: {exc}") from None
+        raise Unsupported(f"pruned structure does not fit {type(model).__name__}: {exc}") from None

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dlrun.config.capabilities import check_supported
+from dlrun.core.errors import Unsupported
 from dlrun.deploy.program import export_program
 from dlrun.training.loop import Callback
 
@@ -54,7 +55,7 @@ def make_quantizer(
         return quantizer
     if backend == "x86_inductor":
         if not per_channel:
-            raise ValueError("backend=x86_inductor quantizes weights per channel only; use per_channel=true")
+            raise Unsupported("backend=x86_inductor quantizes weights per channel only; use per_channel=true")
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer,
             get_default_x86_inductor_quantization_config,
@@ -65,7 +66,7 @@ def make_quantizer(
         for name in exclude:
             quantizer.set_module_name_qconfig(name, None)
         return quantizer
-    raise ValueError(f"no PT2E quantizer for backend {backend!r}; PT2E backends: xnnpack, x86_inductor")
+    raise Unsupported(f"no PT2E quantizer for backend {backend!r}; PT2E backends: xnnpack, x86_inductor")
 
 
 def _check_module_names(model: nn.Module, names: Sequence[str]) -> None:
@@ -74,7 +75,7 @@ def _check_module_names(model: nn.Module, names: Sequence[str]) -> None:
     if unknown:
         examples = ", ".join(list(known)[1:6])
         missing = ", ".join(map(repr, unknown))
-        raise ValueError(f"exclude: {type(model).__name__} has no module {missing} (its modules include: {examples})")
+        raise Unsupported(f"exclude: {type(model).__name__} has no module {missing} (its modules include: {examples})")
 
 
 def _pt2e_export(model: nn.Module, example: torch.Tensor, backend: str, *, training: bool) -> torch.fx.GraphModule:
@@ -121,7 +122,7 @@ def quantize_ptq(
     batches = iter(calib_batches)
     first = next(batches, None)
     if first is None:  # checked before the export: without calibration every activation scale is undefined
-        raise ValueError("ptq needs at least one calibration batch; the calibration data was empty")
+        raise Unsupported("ptq needs at least one calibration batch; the calibration data was empty")
     quantizer = make_quantizer(backend, per_channel=per_channel, exclude=exclude)
     return _prepare_observe_convert(model, example, backend, quantizer, (first, *batches))
 
@@ -253,9 +254,9 @@ def quantize_weight_only(
     IntxWeightOnlyConfig builds mis-shaped 4-D scales and fails on convs with one input channel.
     """
     if dtype not in WEIGHT_ONLY_DTYPES:
-        raise ValueError(f"unknown weight_only dtype {dtype!r}; dtypes: {', '.join(WEIGHT_ONLY_DTYPES)}")
+        raise Unsupported(f"unknown weight_only dtype {dtype!r}; dtypes: {', '.join(WEIGHT_ONLY_DTYPES)}")
     if dtype == "int4" and group_size < 1:
-        raise ValueError(f"int4 group_size must be a positive number of input features, got {group_size}")
+        raise Unsupported(f"int4 group_size must be a positive number of input features, got {group_size}")
     _check_module_names(model, exclude)
 
     # Exact type: a Linear subclass (e.g. MultiheadAttention.out_proj) may not use its weight through forward.
@@ -265,7 +266,7 @@ def quantize_weight_only(
     if dtype == "int4":
         for name, module in model.named_modules():
             if selected(module, name) and module.in_features % group_size:
-                raise ValueError(
+                raise Unsupported(
                     f"int4 group_size={group_size} does not divide in_features={module.in_features} of layer "
                     f"{name!r}; pick a group_size that does or add {name!r} to exclude"
                 )

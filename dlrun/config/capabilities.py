@@ -2,10 +2,12 @@
 
 The tables drive validation (`check_supported`, `check_export_supported`), `dlrun ls quantizer`,
 `dlrun ls export` and the README; each entry was verified end to end on this stack
-(see tests/test_quantization.py and tests/test_exporting.py).
+(see tests/unit/compression/test_quantization.py and tests/unit/deploy/test_deploy.py).
 """
 
 from __future__ import annotations
+
+from dlrun.core.errors import Unsupported
 
 # --- dlrun quantize -----------------------------------------------------------------------------------
 
@@ -30,12 +32,12 @@ CAPABILITIES: dict[tuple[str, str], str] = {
 
 def check_supported(mode: str, backend: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; modes: {', '.join(MODES)}")
+        raise Unsupported(f"unknown quantization mode {mode!r}; modes: {', '.join(MODES)}")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown quantization backend {backend!r}; backends: {', '.join(BACKENDS)}")
+        raise Unsupported(f"unknown quantization backend {backend!r}; backends: {', '.join(BACKENDS)}")
     if (mode, backend) not in CAPABILITIES:
         backends = [b for m, b in CAPABILITIES if m == mode]
-        raise ValueError(f"mode={mode} does not run on backend={backend}; it runs on backend={' or '.join(backends)}")
+        raise Unsupported(f"mode={mode} does not run on backend={backend}; it runs on backend={' or '.join(backends)}")
 
 
 def capability_rows() -> list[tuple[str, str, str]]:
@@ -98,9 +100,9 @@ def check_export_supported(fmt: str, backend: str, source_kind: str) -> None:
     if (fmt, backend, source_kind) in EXPORT_CAPABILITIES:
         return
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise Unsupported(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if source_kind not in SOURCE_KINDS:
-        raise ValueError(f"unknown source kind {source_kind!r}; one of {', '.join(SOURCE_KINDS)}")
+        raise Unsupported(f"unknown source kind {source_kind!r}; one of {', '.join(SOURCE_KINDS)}")
     backends: dict[str, list[str]] = {}
     for f, b, kind in EXPORT_CAPABILITIES:
         if f == fmt:
@@ -108,7 +110,7 @@ def check_export_supported(fmt: str, backend: str, source_kind: str) -> None:
     supported = "; ".join(f"backend={b}: {', '.join(kinds)}" for b, kinds in backends.items())
     reason = _REFUSAL_REASONS.get((fmt, backend, source_kind))
     why = f" ({reason})" if reason else ""
-    raise ValueError(
+    raise Unsupported(
         f"cannot export a {source_kind} model to {fmt} with backend={backend}{why}; supported for {fmt}: {supported}"
     )
 

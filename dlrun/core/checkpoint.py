@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -44,14 +45,34 @@ def save(path: Path, checkpoint: dict) -> None:
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """Load and sanity-check a dlrun checkpoint; every failure is one line naming the file (exit code 2)."""
+    checkpoint = load_file(path, map_location)
+    if not is_dlrun(checkpoint):
+        raise UsageError(f"{path} is not a dlrun checkpoint (expected a dict with keys {', '.join(REQUIRED)})")
+    return checkpoint
+
+
+def is_dlrun(saved) -> bool:
+    return isinstance(saved, dict) and all(key in saved for key in REQUIRED)
+
+
+def load_file(path: Path, map_location: str | torch.device = "cpu"):
+    """torch.load(weights_only=True) of any torch file (a dlrun checkpoint or a user's own weights), mapped onto
+    `map_location` (weights saved from CUDA tensors load on a CPU-only machine); every failure is one line."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # "Unsupported global: GLOBAL builtins.open" or "unsupported GLOBAL posix.system whose module posix is blocked"
         unsafe = re.search(r"unsupported (?:global:? )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        if unsafe and _pickles_a_module(path):
+            raise UsageError(
+                f"refusing to load {path}: it is a whole pickled model (torch.save(model)), which would run Python "
+                f"code ({unsafe.group(1)}) when unpickled; dlrun loads weights only (weights_only=True): in your own "
+                "environment, where that code is trusted, save its state_dict with torch.save(model.state_dict(), "
+                '"weights.pth") and pass that file'
+            ) from None
         if unsafe:
             raise UsageError(
                 f"refusing to load {path}: it would run Python code ({unsafe.group(1)}) when unpickled; "
@@ -65,9 +86,51 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt): {reason}") from None
     except Exception:  # a file that is no pickle at all (text...) trips the unpickler with KeyError, IndexError...
         raise UsageError(f"{path} is not a torch checkpoint file") from None
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED):
-        raise UsageError(f"{path} is not a dlrun checkpoint (expected a dict with keys {', '.join(REQUIRED)})")
-    return checkpoint
+
+
+def _pickles_a_module(path: Path) -> bool:
+    """Whether the pickle inside a torch file holds an nn.Module (its `_parameters` and `_modules` attributes):
+    read as bytes, never unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+            data = archive.read(pickled[0]) if pickled else b""
+    except (zipfile.BadZipFile, OSError):
+        data = path.read_bytes()  # the legacy (non-zip) format: the pickle comes first
+    return b"_parameters" in data and b"_modules" in data
+
+
+# Where a user's own checkpoint dict keeps the weights (tutorials' conventions), and the prefixes that wrappers
+# add to every key: DataParallel/DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`).
+WEIGHT_KEYS = (MODEL, "state_dict", "model_state_dict")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def state_dict_of(saved, where: str) -> dict:
+    """The model weights in a loaded file: a plain state_dict, or one under model / state_dict / model_state_dict,
+    with the `module.` / `_orig_mod.` prefix of a wrapped model stripped (when every key has it)."""
+
+    def is_weights(node) -> bool:
+        return isinstance(node, dict) and bool(node) and all(isinstance(v, torch.Tensor) for v in node.values())
+
+    weights = saved if is_weights(saved) else next((saved[k] for k in WEIGHT_KEYS if is_weights(_get(saved, k))), None)
+    if weights is None:
+        raise UsageError(
+            f"{where} holds no model weights (expected a state_dict, or a dict with one under {', '.join(WEIGHT_KEYS)})"
+        )
+    weights = {str(k): v for k, v in weights.items()}
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in weights):
+                weights = {key.removeprefix(prefix): v for key, v in weights.items()}
+                stripped = True
+    return weights
+
+
+def _get(saved, key: str):
+    return saved.get(key) if isinstance(saved, dict) else None
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, where: str, config: str = "its own model config") -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -16,15 +18,35 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward pass on a batch of one (torch.utils.flop_counter: matmuls and convs)."""
+    from torch.utils import flop_counter
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), _dynamo_not_imported_by(getattr(flop_counter, "_FlopCounterMode", None)), counter:
         model(example[:1])
     model.train(was_training)
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def _dynamo_not_imported_by(mode: type | None) -> Iterator[None]:
+    """Torch wraps every TorchDispatchMode's __torch_dispatch__ (here FlopCounterMode's inner mode's) in
+    torch._disable_dynamo, whose first call imports torch._dynamo (~1.5 s) only to exclude the function from a
+    compile. While torch._dynamo is not imported nothing can be compiling, so the exclusion is moot: for the
+    duration, the wrapper's per-function cache (the private `__dynamo_disable` attribute of the wrapped function)
+    holds the function itself. Another torch, or dynamo already imported: nothing changes."""
+    fn = getattr(vars(mode).get("__torch_dispatch__") if mode is not None else None, "__wrapped__", None)
+    if fn is None or "torch._dynamo" in sys.modules or hasattr(fn, "__dynamo_disable"):
+        yield
+        return
+    setattr(fn, "__dynamo_disable", fn)
+    try:
+        yield
+    finally:
+        if getattr(fn, "__dynamo_disable", None) is fn:
+            delattr(fn, "__dynamo_disable")
 
 
 def time_calls(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 50) -> list[float]:

@@ -1,9 +1,11 @@
-"""Tables of result rows as files: CSV for spreadsheets, JSON for programs, Markdown for people, and a PNG
-scatter plot of a trade-off (e.g. accuracy vs latency). All written atomically through dlrun.core.files."""
+"""Tables of result rows as files: CSV for spreadsheets, JSON for programs, Markdown for people, and PNG plots:
+a trade-off scatter (e.g. accuracy vs latency), a run's training curves, a confusion matrix. All written atomically
+through dlrun.core.files; matplotlib (Agg, no display) is imported only when a plot is drawn."""
 
 from __future__ import annotations
 
 import io
+import math
 from itertools import cycle
 from pathlib import Path
 
@@ -33,11 +35,7 @@ def tradeoff_plot(
     path: Path, points: list[tuple[str, float, float]], *, xlabel: str, ylabel: str, title: str, log_x: bool = False
 ) -> None:
     """One marker per (label, x, y) point, named in a legend: annotations beside points pile up on ties."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, x, y), marker, color in zip(points, cycle(_MARKERS), cycle(colors)):
@@ -50,7 +48,91 @@ def tradeoff_plot(
     ax.grid(True, alpha=0.3)
     if points:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    _save(fig, path)  # "tight": keeps the legend right of the axes
+
+
+def curves_plot(path: Path, rows: list[dict], *, title: str = "training curves") -> None:
+    """Loss (train and val), the val metrics and the learning rate by epoch, from metric rows as Loop.fit records
+    them (epoch, train_loss, val_<metric>..., lr): one figure, one subplot each. Non-finite values are gaps."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in rows]
+    # The headline metrics of evaluate.evaluate, in its order; val_loss shares the loss panel.
+    metrics = [m for m in ("accuracy", "top5", "r2", "mse", "mae") if any(f"val_{m}" in row for row in rows)]
+    panels = ["loss", *metrics, "lr"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False, layout="constrained")
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "loss":
+            ax.plot(epochs, _values(rows, "train_loss"), marker="o", markersize=3, label="train")
+            ax.plot(epochs, _values(rows, "val_loss"), marker="o", markersize=3, label="val")
+            ax.legend(fontsize=8)
+            ax.set_title("loss")
+        elif panel == "lr":
+            ax.plot(epochs, _values(rows, "lr"), marker="o", markersize=3, color="tab:gray")
+            ax.set_title("learning rate (end of epoch)")
+        else:
+            ax.plot(epochs, _values(rows, f"val_{panel}"), marker="o", markersize=3, color="tab:green")
+            ax.set_title(f"val {panel}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def confusion_matrix_plot(
+    path: Path, matrix: list[list[int]], class_names: list[str] | None = None, *, title: str = "confusion matrix"
+) -> None:
+    """Counts of (true class, predicted class), true classes down, predictions across, class names on both axes;
+    the diagonal holds the correct predictions. Counts are printed in the cells up to 30 classes."""
+    plt = _pyplot()
+    n = len(matrix)
+    names = [str(name) for name in class_names] if class_names and len(class_names) == n else [str(i) for i in range(n)]
+    side = min(max(4.5, 0.45 * n + 2.5), 24)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), names, rotation=90 if max(map(len, names), default=0) > 3 else 0)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    total = sum(map(sum, matrix))
+    correct = sum(matrix[i][i] for i in range(n))
+    ax.set_title(f"{title}: {correct}/{total} correct" if total else title)
+    if n <= 30:
+        peak = max((max(row) for row in matrix), default=0)
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                if count:
+                    color = "white" if count > peak / 2 else "black"
+                    ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=color)
+    _save(fig, path)
+
+
+def _values(rows: list[dict], key: str) -> list[float]:
+    """rows' `key` as floats; missing or non-numeric values become NaN (a gap in the line)."""
+    values = []
+    for row in rows:
+        value = row.get(key)
+        values.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan)
+    return values
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG, written atomically; the figure is closed either way."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")  # "tight": keep the legend right of the axes
-    plt.close(fig)
+    try:
+        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     files.atomic_write_bytes(path, buffer.getvalue())

@@ -12,10 +12,13 @@ from pathlib import Path
 
 from dlrun.config.trust import check_stored_config
 from dlrun.core import contract, rundir
-from dlrun.core.errors import DlrunError, UsageError
+from dlrun.core.errors import DlrunError, Unsupported, UsageError
 
 QUANTIZED_PROGRAM = "model.pt2"  # what a quantize run leaves behind (torch.export.save)
 ARTIFACT_SUFFIXES = (".pte", ".pt2", ".onnx")
+# Commands that take a user's own weights file as ckpt= (a state_dict from a tutorial, not a dlrun checkpoint),
+# building its model from the command line's model= and dataset= (their conf/*.yaml default model to null).
+OWN_WEIGHTS_COMMANDS = ("eval", "quantize", "export")
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Source:
     run_dir: Path | None  # the run that produced `path`
     train_run: Path | None  # the train run at the root of the lineage
     max_batch: int | None = None  # largest batch an exported artifact accepts (None: any)
+    own_weights: bool = False  # a user's own weights file (not a dlrun checkpoint): config is the command line's
 
     @property
     def lineage(self) -> contract.Lineage:
@@ -58,11 +62,19 @@ def resolve(
     if len(given) > 1:
         raise UsageError(f"give only one of run=, ckpt=, artifact= (got {', '.join(k for k, _ in given)})")
     if ckpt:
-        return _from_checkpoint(Path(ckpt), trusted=trusted)
-    if artifact:
-        return _from_artifact(Path(artifact), trusted)
-    run_dir = rundir.run_dir_arg(run) if run else rundir.latest_run(*default)
-    return from_run_dir(run_dir, trusted)
+        source = _from_checkpoint(Path(ckpt), trusted=trusted)
+    elif artifact:
+        source = _from_artifact(Path(artifact), trusted)
+    else:
+        run_dir = rundir.run_dir_arg(run) if run else rundir.latest_run(*default)
+        source = from_run_dir(run_dir, trusted)
+    typed = _typed_model_overrides() if not source.own_weights else []
+    if typed:
+        raise UsageError(
+            f"{source.label} rebuilds the model and dataset stored with it: drop {typed[0]} "
+            "(model= and dataset= are for a ckpt= file of your own weights)"
+        )
+    return source
 
 
 def from_run_dir(run_dir: Path, trusted=()) -> Source:
@@ -89,7 +101,13 @@ def from_run_dir(run_dir: Path, trusted=()) -> Source:
 def _from_checkpoint(path: Path, run_dir: Path | None = None, trusted=()) -> Source:
     from dlrun.core import checkpoint
 
-    saved = checkpoint.load(path)
+    saved = checkpoint.load_file(path)
+    if not checkpoint.is_dlrun(saved) and run_dir is None and _command()[0] in OWN_WEIGHTS_COMMANDS:
+        return _own_weights(path, saved)
+    if not checkpoint.is_dlrun(saved):
+        raise UsageError(
+            f"{path} is not a dlrun checkpoint (expected a dict with keys {', '.join(checkpoint.REQUIRED)})"
+        )
     config = check_stored_config(saved[checkpoint.CONFIG], str(path), trusted)
     run_dir = run_dir or (path.parent.parent if path.parent.name == "checkpoints" else None)
     train_run = run_dir
@@ -98,6 +116,62 @@ def _from_checkpoint(path: Path, run_dir: Path | None = None, trusted=()) -> Sou
         # A pruned model's lineage goes on to the train run it was pruned from: bench finds its variants there.
         train_run = _train_run(contract.read_summary(summary_path, "prune").lineage, summary_path) or run_dir
     return Source("checkpoint", path, config, run_dir, train_run)
+
+
+def _own_weights(path: Path, saved) -> Source:
+    """ckpt= a user's own weights (`torch.save(model.state_dict(), ...)`): the model is built from this command's
+    model= and dataset= (typed by the user, so no stored config is involved), the weights checked now."""
+    from omegaconf import OmegaConf
+
+    from dlrun.core import checkpoint
+
+    _, config = _command()
+    if config is None or config.get("model") is None or config.get("dataset") is None:
+        raise UsageError(
+            f"{path} is not a dlrun checkpoint (it stores no model config): to use your own weights, pass the "
+            "model and the dataset they were trained for, e.g. model=lenet dataset=digits (and model.* sizes)"
+        )
+    checkpoint.state_dict_of(saved, str(path))  # refuse a file without weights before anything is built
+    resolved = OmegaConf.to_container(OmegaConf.create({k: config[k] for k in ("dataset", "model")}), resolve=True)
+    # QAT fine-tunes with the training run's optimizer, scheduler and trainer settings: here, train's defaults.
+    return Source("checkpoint", path, {**_train_defaults(), **resolved}, None, None, own_weights=True)
+
+
+def _train_defaults() -> dict:
+    """The optimizer, scheduler and trainer that `dlrun train` composes by default (conf/train.yaml)."""
+    from omegaconf import OmegaConf
+
+    from dlrun.config.compose import conf_dir
+
+    chosen = {}
+    for entry in OmegaConf.load(conf_dir() / "train.yaml").defaults:
+        for group, option in entry.items() if hasattr(entry, "items") else []:
+            if group in ("optimizer", "scheduler", "trainer") and option:
+                chosen[group] = OmegaConf.to_container(OmegaConf.load(conf_dir() / group / f"{option}.yaml"))
+    return chosen
+
+
+def _command():
+    """This Hydra job's command name and composed config (None, None outside a dlrun command)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return None, None
+    job = HydraConfig.get()
+    saved = Path(job.runtime.output_dir) / str(job.output_subdir) / "config.yaml"
+    return job.job.name, (OmegaConf.load(saved) if job.output_subdir and saved.is_file() else None)
+
+
+def _typed_model_overrides() -> list[str]:
+    """In eval/quantize/export: the model=/dataset= overrides typed on the command line (own weights only)."""
+    import re
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().job.name not in OWN_WEIGHTS_COMMANDS:
+        return []
+    return [o for o in HydraConfig.get().overrides.task if re.match(r"[+~]*(model|dataset)([.=]|$)", o)]
 
 
 def _from_artifact(path: Path, trusted=()) -> Source:
@@ -151,14 +225,18 @@ def load_model(source: Source, device="cpu"):
         raise UsageError(f"{source.label} is a {source.kind}, not a train checkpoint")
     config = OmegaConf.create(source.config)
     model = models.build(config.model)
+    if source.own_weights:
+        weights = checkpoint.state_dict_of(checkpoint.load_file(source.path, device), source.label)
+        checkpoint.load_weights(model, weights, source.label, "the model config of model=... on the command line")
+        return model.to(device).eval()
     saved = checkpoint.load(source.path, device)
     try:
         if checkpoint.STRUCTURE in saved:  # a pruned model: narrower than its config builds it
             from dlrun.compression import pruning
 
             pruning.resize(model, saved[checkpoint.STRUCTURE], saved[checkpoint.MODEL])
-    except ValueError as exc:
-        raise UsageError(f"{source.label} does not fit its own model config: {str(exc).splitlines()[0]}") from None
+    except Unsupported as exc:  # the stored widths belong to another architecture
+        raise UsageError(f"{source.label} does not fit its own model config: {exc}") from None
     checkpoint.load_weights(model, saved[checkpoint.MODEL], source.label)
     return model.to(device).eval()
 
@@ -177,8 +255,8 @@ def load_predictor(source: Source, device="cpu"):
         return load_runner(source.path)
     except ImportError as exc:  # a missing optional runtime: the message says what to pip install
         raise DlrunError(str(exc)) from None
-    except ValueError as exc:  # load_program's and load_runner's own one-line explanations
-        raise UsageError(str(exc).splitlines()[0]) from None
+    except DlrunError:  # load_program's and load_runner's own one-line explanations
+        raise
     except Exception as exc:  # noqa: BLE001 - each runtime raises its own types for a truncated or corrupt file
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise UsageError(f"cannot load {source.label} (truncated or corrupt?): {reason}") from None

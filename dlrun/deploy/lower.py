@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dlrun.core.errors import ExportFailed
 from dlrun.core.files import atomic_write_bytes, first_line
 from dlrun.deploy import runtime
 from dlrun.deploy.program import export_program
@@ -44,7 +45,7 @@ def to_pte(ep: torch.export.ExportedProgram, path: str | os.PathLike, *, backend
     elif backend == "portable":
         partitioner = []
     else:
-        raise ValueError(f"unknown .pte backend {backend!r}; choose xnnpack or portable")
+        raise ExportFailed(f"unknown .pte backend {backend!r}; choose xnnpack or portable")
 
     bounds = _dynamic_upper_bounds(ep)
     try:
@@ -56,17 +57,17 @@ def to_pte(ep: torch.export.ExportedProgram, path: str | os.PathLike, *, backend
             info = get_delegation_info(edge.exported_program().graph_module)  # before to_executorch rewrites it
             program = edge.to_executorch()
     except Exception as e:  # noqa: BLE001 - exir raises many types; the first line names the op
-        raise ValueError(f"cannot lower to .pte (backend={backend}): {first_line(e)}") from e
+        raise ExportFailed(f"cannot lower to .pte (backend={backend}): {first_line(e)}") from e
     lowered_bounds = _dynamic_upper_bounds(edge.exported_program())
     if lowered_bounds != bounds:  # the .pte would reject batches the program was exported for
-        raise ValueError(f"lowering shrank the dynamic input bounds from {bounds} to {lowered_bounds}")
+        raise ExportFailed(f"lowering shrank the dynamic input bounds from {bounds} to {lowered_bounds}")
 
     # A program can lower yet need a kernel the installed runtime lacks, which only fails at load time.
     plan = program.executorch_program.execution_plan[0]
     needed = {f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators}
     missing = sorted(needed - runtime.executorch_runtime().operator_registry.operator_names)
     if missing:
-        raise ValueError(f"cannot lower to .pte (backend={backend}): no runtime kernel for {', '.join(missing)}")
+        raise ExportFailed(f"cannot lower to .pte (backend={backend}): no runtime kernel for {', '.join(missing)}")
 
     path = Path(path)
     atomic_write_bytes(path, program.buffer)
@@ -140,7 +141,7 @@ def to_onnx(
     except torch.onnx.OnnxExporterError as e:
         # The first line is boilerplate; the summary names the op that has no ONNX translation.
         detail = next((line for line in str(e).splitlines() if "No ONNX function found" in line), first_line(e))
-        raise ValueError(f"cannot export to ONNX: {detail.split(': ', 1)[-1]}") from e
+        raise ExportFailed(f"cannot export to ONNX: {detail.split(': ', 1)[-1]}") from e
     path = Path(path)
     atomic_write_bytes(path, onnx_program.model_proto.SerializeToString())  # weights inline (< 2 GB)
     return ExportResult(path=path, size_bytes=path.stat().st_size)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dlrun.core.errors import Unsupported
 from dlrun.core.files import atomic_write_bytes
 
 
@@ -46,7 +47,7 @@ def export_program(
         args, dynamic_shapes = (example.clone(),), None
     else:
         if max_batch < 2:
-            raise ValueError(f"max_batch must be at least 2 for a dynamic batch, got {max_batch}")
+            raise Unsupported(f"max_batch must be at least 2 for a dynamic batch, got {max_batch}")
         if example.shape[0] < 2:  # export treats sizes 0/1 as static
             example = example[:1].expand(2, *example.shape[1:])
         args, dynamic_shapes = (example[:max_batch].clone(),), ({0: torch.export.Dim("batch", min=1, max=max_batch)},)
@@ -55,12 +56,12 @@ def export_program(
             program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=strict)
     except UserError as error:
         if "Constraints violated" not in str(error):
-            raise ValueError(_export_failure(module, error)) from error
+            raise Unsupported(_export_failure(module, error)) from error
         # e.g. a PT2E program saved with a smaller max batch keeps that bound as a guard
         guard = next((line.strip(" -") for line in str(error).splitlines() if "guard" in line), str(error))
-        raise ValueError(f"cannot export with batch in [1, {max_batch}]: {guard}") from error
+        raise Unsupported(f"cannot export with batch in [1, {max_batch}]: {guard}") from error
     except Exception as error:
-        raise ValueError(_export_failure(module, error)) from error
+        raise Unsupported(_export_failure(module, error)) from error
     return strip_source_locations(program)
 
 
@@ -141,7 +142,7 @@ def save_program(module: nn.Module, example: torch.Tensor, path: str | os.PathLi
 def load_program(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no saved program at {path}")
+        raise Unsupported(f"no saved program at {path}")
     import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops the program calls
 
     try:
@@ -149,7 +150,7 @@ def load_program(path: str | os.PathLike) -> nn.Module:
             return torch.export.load(path).module()
     except Exception as error:
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ValueError(f"cannot load program {path}: {reason}") from error
+        raise Unsupported(f"cannot load program {path}: {reason}") from error
 
 
 @contextlib.contextmanager

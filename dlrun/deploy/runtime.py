@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dlrun.core.errors import ExportFailed, Unsupported
 from dlrun.deploy import child_protocol
 
 log = logging.getLogger("dlrun")
@@ -37,10 +38,10 @@ def load_runner(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tenso
         return _onnx_runner(path)
     if path.suffix == ".pt2":
         return _pt2_runner(path)
-    raise ValueError(f"cannot run {path.name}: expected a .pte, .pt2 or .onnx file")
+    raise Unsupported(f"cannot run {path.name}: expected a .pte, .pt2 or .onnx file")
 
 
-class ArtifactRunError(ValueError):
+class ArtifactRunError(ExportFailed):
     """The runtime could not load the artifact, or crashed or failed on a batch (one line: which, how, where)."""
 
 
@@ -122,7 +123,7 @@ def _pte_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > max_batch:  # the runtime would only log an error code
-            raise ValueError(f"batch {x.shape[0]} exceeds the {max_batch} that {path.name} was exported for")
+            raise Unsupported(f"batch {x.shape[0]} exceeds the {max_batch} that {path.name} was exported for")
         return method.execute([x.contiguous()])[0]
 
     return run

@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from dlrun.core import checkpoint as ckpt
-from dlrun.core import files, provenance, ui
+from dlrun.core import files, provenance, reports, ui
+from dlrun.core.errors import DlrunError
 from dlrun.training import env
 from dlrun.training.loop import Callback, EpochResult, Loop
 
@@ -114,3 +116,42 @@ class EpochLog(Callback):
             f"lr {result.row['lr']:.3g}  {stats.seconds:.2f}s  {stats.samples_per_s:,.0f} samples/s"
             + (f"  skipped {stats.skipped_batches} non-finite batches" if stats.skipped_batches else "")
         )
+
+
+class Plots(Callback):
+    """`folder`/curves.png: losses, val metrics and lr by epoch (the confusion matrix is the recipe's, drawn from the
+    test metrics it reports).
+
+    Drawn when the fit ends (also on Ctrl-C or NaN: the completed epochs) and, in a long fit, after an epoch when
+    the last drawing is `every_s` old, so the curves can be watched while it runs. A plot that cannot be written is
+    a warning, never the end of a run that trained.
+    """
+
+    CURVES = "curves.png"
+
+    def __init__(self, folder: Path, *, title: str = "", every_s: float = 60.0):
+        self.folder = Path(folder)
+        self.title = title or self.folder.name
+        self.every_s = every_s
+        self._drawn_at = time.monotonic()
+
+    def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
+        if time.monotonic() - self._drawn_at >= self.every_s:
+            self._draw_curves(loop)
+
+    def on_fit_end(self, loop: Loop) -> None:
+        self._draw_curves(loop)
+
+    def _draw_curves(self, loop: Loop) -> None:
+        self._drawn_at = time.monotonic()
+        if loop.state.rows:
+            path = self.folder / self.CURVES
+            guarded(path, lambda: reports.curves_plot(path, loop.state.rows, title=self.title))
+
+
+def guarded(path: Path, draw: Callable[[], None]) -> None:
+    """Draw a plot; one that cannot be written (disk full, a bad value, a matplotlib error) is a warning only."""
+    try:
+        draw()
+    except (DlrunError, OSError, ValueError, RuntimeError) as exc:  # disk full, a bad value, a matplotlib error
+        log.warning(f"warning: could not write {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dlrun.core import checkpoint as ckpt
-from dlrun.core import locks, rundir
+from dlrun.core import locks, reports, rundir
 from dlrun.core.errors import DlrunError, UsageError
 from dlrun.data import Data
 from dlrun.training import callbacks, env, evaluate, loop, schedulers
@@ -152,6 +152,7 @@ def fit(
             callbacks.Checkpointer(checkpoints, config),
             callbacks.EpochLog(f"{label} " if label else ""),
             callbacks.EarlyStopping(t.patience),
+            callbacks.Plots(folder),
         ],
         compute_loss=compute_loss,
         network=torch.compile(model) if t.compile else None,
@@ -166,8 +167,53 @@ def fit(
     model.load_state_dict(ckpt.load(checkpoints / callbacks.BEST, device)[ckpt.MODEL])
     model.eval()
     test = evaluate.evaluate(model, data.test, data, batch_size=t.eval_batch_size, confusion=True)
+    if "confusion_matrix" in test:
+        path = folder / "confusion_matrix.png"
+        title = f"{folder.name}: test, best epoch {state.best_epoch}"
+        callbacks.guarded(
+            path, lambda: reports.confusion_matrix_plot(path, test["confusion_matrix"], data.class_names, title=title)
+        )
     val = {k.removeprefix("val_"): v for k, v in state.rows[state.best_epoch - 1].items() if k.startswith("val_")}
     return Fitted(state, val, test)
+
+
+def init_weights(model: nn.Module, init_from: str, device, trusted=()) -> list[str]:
+    """A fresh run's starting weights from init_from: a RUN_DIR (its best.pt; the stored config is checked by the
+    allowlist like every stored config) or a weights file (a dlrun checkpoint or a user's own state_dict). Tensors
+    whose shapes differ from `model`'s (a new head for another class count) keep their fresh initialization; those
+    keys are returned and logged in one line. Missing or unexpected keys (another architecture) are refused."""
+    from dlrun.core import sources
+
+    path = Path(init_from)
+    if path.is_dir():
+        source = sources.resolve(run=init_from, trusted=trusted)
+        if source.kind != "checkpoint":
+            raise UsageError(f"init_from needs a run with checkpoints/best.pt, {source.label} is a {source.kind}")
+        path = source.path
+    where = f"init_from={init_from}"
+    weights = ckpt.state_dict_of(ckpt.load_file(path, device), where)
+    own = model.state_dict()
+    reinit = [
+        f"{key} {tuple(weights[key].shape)}->{tuple(own[key].shape)}"
+        for key in own
+        if key in weights and weights[key].shape != own[key].shape
+    ]
+    fitting = {
+        key: (own[key] if key in weights and weights[key].shape != own[key].shape else value)
+        for key, value in weights.items()
+    }
+    if own and len(reinit) == len(own):
+        raise UsageError(f"{where}: none of its weights fit this run's model (every shape differs); check model=")
+    ckpt.load_weights(model, fitting, where, "this run's model config")
+    loaded = len(own) - len(reinit)
+    if reinit:
+        log.info(
+            f"init_from {rundir.relative(path)}: loaded {loaded} of {len(own)} tensors; re-initialized "
+            f"{len(reinit)} whose shapes differ: {', '.join(reinit)}"
+        )
+    else:
+        log.info(f"init_from {rundir.relative(path)}: loaded all {loaded} tensors")
+    return [item.split(" ")[0] for item in reinit]
 
 
 def _restore(fitting: loop.Loop, path: Path, device, config: dict, folder: Path) -> loop.TrainState:

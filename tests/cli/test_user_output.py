@@ -27,7 +27,7 @@ def table_lines(stdout: str) -> list[str]:
 def test_train_ends_with_where_it_wrote_and_its_table_fits_80_columns(cli):
     result = ok(cli("train", *MICRO_TRAIN, env={**subprocess_env(), "COLUMNS": "80"}))
     (run,) = run_dirs(cli.cwd)
-    assert result.stdout.splitlines()[-1] == f"wrote outputs/train/{run.name}"
+    assert result.stdout.splitlines()[-1] == f"wrote outputs/train/{run.name} (confusion_matrix.png, curves.png)"
     lines = table_lines(result.stdout)
     assert lines and all(len(line) <= 80 for line in lines), lines
     test = json.loads((run / "summary.json").read_text())["metrics"]["test"]
@@ -116,10 +116,14 @@ def test_version(cli):
 def test_shell_completion_is_shown_installed_and_completes_commands(tmp_path):
     script = dlrun_script()
     env = subprocess_env(HOME=str(tmp_path), SHELL="/bin/bash")
-    shown = subprocess.run([script, "--show-completion", "bash"], env=env, capture_output=True, text=True, timeout=60)
+    # Typer detects the shell from the parent process: run from bash (not exec-ed by it), as a terminal does;
+    # CI runs the tests under make, whose shell is sh.
+    shown = subprocess.run(
+        ["bash", "-c", f"'{script}' --show-completion; exit $?"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert shown.returncode == 0 and "_DLRUN_COMPLETE=complete_bash" in shown.stdout, shown.stderr
     installed = subprocess.run(
-        [script, "--install-completion", "bash"], env=env, capture_output=True, text=True, timeout=60
+        ["bash", "-c", f"'{script}' --install-completion; exit $?"], env=env, capture_output=True, text=True, timeout=60
     )
     assert installed.returncode == 0, installed.stderr
     assert "_DLRUN_COMPLETE" in "".join(p.read_text() for p in (tmp_path / ".bash_completions").glob("*"))

@@ -65,7 +65,7 @@ def image_folder(root: Path, classes=("cat", "dog"), broken: int = 0) -> Path:
         ("train", ["model.dropout=1.5"], "model.dropout must be a number in [0, 1), got 1.5"),
         ("train", ["~trainer"], "cannot delete 'trainer': dlrun train needs a trainer; choose one with trainer="),
         ("train", ["~trainer.epochs"], "cannot delete 'trainer.epochs'"),
-        ("train", ["+init_from=outputs/train/x"], "unknown key 'init_from'"),
+        ("train", ["+warm_start=outputs/train/x"], "unknown key 'warm_start'"),
         ("train", ["+trainer.epoch=3"], "unknown key 'trainer.epoch'; did you mean 'trainer.epochs'?"),
         ("quantize", ["mode=qat", "quantizer.epochs=0"], "quantizer.epochs must be an integer >= 1, got 0"),
     ],
@@ -79,7 +79,7 @@ def test_config_mistakes_are_usage_errors_before_any_run(cli, command, args, mes
 def test_added_keys_go_only_where_a_constructor_takes_them():
     cfg = validate.validate("train", ["+optimizer.betas=[0.9,0.99]", "++model.hidden=64", "~optimizer.weight_decay"])
     assert list(cfg.optimizer.betas) == [0.9, 0.99] and cfg.model.hidden == 64 and "weight_decay" not in cfg.optimizer
-    for added in ("+trainer.epoch=3", "++trainer.epoch=3", "+init_from=x", "+dataset.augment.vflip=true"):
+    for added in ("+trainer.epoch=3", "++trainer.epoch=3", "+warm_start=x", "+dataset.augment.vflip=true"):
         with pytest.raises(UsageError, match="adds keys only under dataset, model, optimizer, scheduler"):
             validate.validate("train", [added])
     with pytest.raises(UsageError, match="'trainer.epochs' already exists: set it with trainer.epochs="):

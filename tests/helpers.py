@@ -178,3 +178,17 @@ def crash_hook(folder: Path, signal_name: str, at_batch: int) -> str:
     """)
     )
     return str(folder)
+
+
+# `python -c` this with dlrun's arguments: a real SIGINT as epoch 1 is about to train (last.pt holds epoch 0).
+INTERRUPT_IN_EPOCH_1 = """
+import os, signal
+import dlrun.training.loop as loop
+train_epoch = loop.train_epoch
+def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return train_epoch(*args, **kwargs)
+loop.train_epoch = interrupted
+from dlrun.cli import main
+main()
+"""

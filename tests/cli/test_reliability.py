@@ -37,6 +37,7 @@ from dlrun.config import compose, validate
 from dlrun.core import checkpoint, files, locks, rundir
 from dlrun.core.errors import DlrunError, UsageError
 from helpers import (
+    INTERRUPT_IN_EPOCH_1,
     PYTHON,
     TIMESTAMP,
     TINY_EPOCHS,
@@ -233,19 +234,6 @@ def test_ctrl_c_hint_is_a_relative_path(tmp_path):
     assert str(tmp_path) not in line
     (run,) = run_dirs(tmp_path)
     assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 0  # saved before the first epoch
-
-
-INTERRUPT_IN_EPOCH_1 = """
-import os, signal
-import dlrun.training.loop as loop
-train_epoch = loop.train_epoch
-def interrupted(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGINT)
-    return train_epoch(*args, **kwargs)
-loop.train_epoch = interrupted
-from dlrun.cli import main
-main()
-"""
 
 
 # ---- atomic writes ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from dlrun.core import checkpoint
 from helpers import (
     CHEAP_QUANTIZE,
+    INTERRUPT_IN_EPOCH_1,
     ONE_THREAD_ENV,
     PYTHON,
     TINY_EPOCHS,
@@ -80,20 +81,6 @@ def run_interrupted(script: str, args, cwd) -> Result:
         [PYTHON, "-c", script, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-# A real SIGINT as epoch 1 is about to train: last.pt holds epoch 0 (the initial weights and RNG state).
-INTERRUPT_IN_EPOCH_1 = """
-import os, signal
-import dlrun.training.loop as loop
-train_epoch = loop.train_epoch
-def interrupted(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGINT)
-    return train_epoch(*args, **kwargs)
-loop.train_epoch = interrupted
-from dlrun.cli import main
-main()
-"""
 
 
 def test_ctrl_c_in_epoch_1_resumes_from_epoch_0_to_the_same_result(trained_run, tmp_path):

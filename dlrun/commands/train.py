@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,18 +19,20 @@ from dlrun import data as datasets
 from dlrun import models
 from dlrun.core import contract, profiling, rundir, ui
 from dlrun.training import env, session
+from dlrun.training.loop import Callback
 
 log = logging.getLogger("dlrun")
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
+    """Train in the current run directory; `extra_callbacks` join the fit's (`dlrun tune` adds trial pruning)."""
     started = time.perf_counter()
     run_dir = rundir.current()
     with session.guarded(run_dir, "train"):
-        _train(cfg, run_dir, started)
+        _train(cfg, run_dir, started, extra_callbacks)
 
 
-def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
+def _train(cfg: DictConfig, run_dir: Path, started: float, extra_callbacks: Sequence[Callback]) -> None:
     t = cfg.trainer
     device = env.resolve_device(t.device)
     env.seed_everything(t.seed, t.deterministic)
@@ -46,7 +49,9 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> None:
         f"{params:,} params, {device}"
     )
     config = OmegaConf.to_container(cfg, resolve=True)
-    fitted = session.fit(model, data, cfg, run_dir, config, device=device, resume=bool(cfg.resume))
+    fitted = session.fit(
+        model, data, cfg, run_dir, config, device=device, resume=bool(cfg.resume), extra_callbacks=extra_callbacks
+    )
 
     flops = profiling.count_flops(model, data.example().cpu().to(device))
     metrics = {"val": fitted.val, "test": fitted.test}

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,11 +123,13 @@ def fit(
     resume: bool,
     compute_loss: loop.ComputeLoss | None = None,
     label: str = "",
+    extra_callbacks: Sequence[loop.Callback] = (),
 ) -> Fitted:
     """Train `model` with cfg.optimizer, cfg.scheduler and cfg.trainer, writing folder/metrics.csv|jsonl and
     folder/checkpoints/{best,last}.pt (holding `config`, from which later commands rebuild the model). When
     resuming, continue from folder/checkpoints/last.pt if there is one. `compute_loss` replaces the supervised loss
-    (distillation); `label` tells this fit's progress and epoch lines from another's in the same run."""
+    (distillation); `label` tells this fit's progress and epoch lines from another's in the same run;
+    `extra_callbacks` run after the built-in ones (a tuning trial's pruning callback)."""
     t = cfg.trainer
     optimizer, scheduler = schedulers.build_optimization(
         cfg.optimizer,
@@ -153,6 +155,7 @@ def fit(
             callbacks.EpochLog(f"{label} " if label else ""),
             callbacks.EarlyStopping(t.patience),
             callbacks.Plots(folder),
+            *extra_callbacks,
         ],
         compute_loss=compute_loss,
         network=torch.compile(model) if t.compile else None,

@@ -115,6 +115,37 @@ def check_export_supported(fmt: str, backend: str, source_kind: str) -> None:
     )
 
 
+# --- models a step cannot take ------------------------------------------------------------------------
+
+# (model _target_, its input) -> {step prefix: why}; steps are "export/<format>/<dynamic_batch|fixed_batch>" and
+# "quantize/<backend>", and a refusal applies to every step its key is a prefix of. Each was tried on this stack.
+MODEL_REFUSALS: dict[tuple[str, str], dict[str, str]] = {
+    ("dlrun.models.Recurrent", "tokens"): {
+        "export": "packed variable-length sequences (pack_padded_sequence) cannot be torch.exported",
+        "quantize": "quantization torch.exports the model, and packed variable-length sequences cannot be exported",
+    },
+    ("dlrun.models.Recurrent", "rows"): {
+        "export/pte/dynamic_batch": "ExecuTorch's lowering of the recurrent op fixes the batch size to the example's; "
+        "export.dynamic_batch=false works (batch 1, portable kernels)",
+        "quantize/xnnpack": "it compares fp32 and int8 as XNNPACK .pte programs with a dynamic batch, which the "
+        "recurrent op cannot have in ExecuTorch; use backend=x86_inductor (Linear layers int8, the cell stays fp32)",
+    },
+}
+
+
+def check_model_supported(model: dict, step: str) -> None:
+    """Refuse (Unsupported, one line) a step that MODEL_REFUSALS lists for this model and its kind of input."""
+    target = str(model.get("_target_"))
+    inputs = "tokens" if model.get("vocab_size") else "rows"
+    for prefix, reason in MODEL_REFUSALS.get((target, inputs), {}).items():
+        if step == prefix or step.startswith(prefix + "/"):
+            command, option, *batch = step.split("/")
+            how = f"to {option}" if command == "export" else f"with backend={option}"
+            how += " with a dynamic batch" if batch == ["dynamic_batch"] else ""
+            name = model.get("cell") or target.rsplit(".", 1)[-1]
+            raise Unsupported(f"cannot {command} a {name} model on {inputs} {how}: {reason}")
+
+
 def rich_table(group: str):
     """The capability table of `quantizer` or `export` for `dlrun ls`."""
     from rich.table import Table
@@ -125,10 +156,20 @@ def rich_table(group: str):
             table.add_column(column, overflow="fold")
         for row in capability_rows():
             table.add_row(*row)
+        for (target, inputs), refusals in MODEL_REFUSALS.items():
+            for step, reason in refusals.items():
+                if step.startswith("quantize"):
+                    backend = step.split("/")[1] if "/" in step else "any"
+                    table.add_row("any", backend, f"refused for {target.rsplit('.', 1)[-1]} on {inputs}: {reason}")
         return table
     table = Table(title="export: supported format x backend x source (others are refused up front)")
     for column in ("format", "backend", "source", "note"):
         table.add_column(column, overflow="fold")
     for (fmt, backend, kind), note in EXPORT_CAPABILITIES.items():
         table.add_row(fmt, backend, kind, note)
+    for (target, inputs), refusals in MODEL_REFUSALS.items():
+        for step, reason in refusals.items():
+            if step.startswith("export"):
+                fmt = step.split("/")[1] if "/" in step else "any"
+                table.add_row(fmt, "any", f"{target.rsplit('.', 1)[-1]} on {inputs}", f"refused: {reason}")
     return table

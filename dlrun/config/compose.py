@@ -82,12 +82,16 @@ def compose(command: str, overrides: list[str]):
 
 
 def instantiate(node, what: str):
-    """hydra.utils.instantiate, with the builder's own one-line DlrunError unwrapped from Hydra's wrapper."""
+    """hydra.utils.instantiate, with the builder's own one-line DlrunError unwrapped from Hydra's wrapper.
+
+    The target is imported first (`import_target`), so a user's own module in the current directory is found."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
     from dlrun.core.errors import DlrunError
 
+    if isinstance(node.get("_target_"), str):
+        import_target(node["_target_"], what)
     try:
         return hydra_instantiate(node, _convert_="all")
     except InstantiationException as exc:
@@ -98,6 +102,39 @@ def instantiate(node, what: str):
         if isinstance(cause, (TypeError, ValueError)):  # the builder refused the config's arguments (+model.foo=1)
             raise UsageError(message) from None
         raise DlrunError(message) from None
+
+
+def import_target(target: str, what: str):
+    """The object a `_target_` names (`my_module.MyNet`), imported from the installed packages or, without
+    installing anything, from the current directory. A failure is one UsageError line naming the module and why."""
+    import importlib
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)  # appended: a file in the current directory never shadows an installed package
+    module_name, _, name = target.rpartition(".")
+    if not module_name:
+        raise UsageError(f"{what}._target_={target} must be module.Name (e.g. my_module.MyNet)")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):  # the module itself, not one it imports
+            raise UsageError(
+                f"cannot import {what} {target}: no module {module_name!r} in the current directory ({cwd}) "
+                "or the installed packages"
+            ) from None
+        raise UsageError(f"cannot import {what} {target}: module {module_name} failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's module can raise anything while it is imported
+        where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.lineno else ""
+        reason = one_line(exc) if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"cannot import {what} {target}: module {module_name} failed{where}: {type(exc).__name__}: {reason}"
+        ) from None
+    if not hasattr(module, name):
+        raise UsageError(f"cannot import {what} {target}: module {module_name} has no {name!r}")
+    return getattr(module, name)
 
 
 def one_line(exc: BaseException) -> str:

@@ -48,10 +48,10 @@ def check_targets(config: dict, where: str, trusted=(), *, stored: bool = True) 
     """
     allowed = builtin_targets() | {str(t) for t in trusted}
 
-    def refuse(path: str, why: str):
+    def refuse(path: str, why: str, target: str = "module.Name"):
         raise UsageError(
             f"refusing the config in {where}: {path} {why}; dlrun rebuilds models only from its own builders "
-            "(a target you trust: add trust_targets=[module.Name])"
+            f"(a target you trust: add trust_targets=[{target}])"
         )
 
     def walk(node, path: str, depth: int) -> None:
@@ -62,7 +62,7 @@ def check_targets(config: dict, where: str, trusted=(), *, stored: bool = True) 
                     if key not in _SPECIAL_KEYS or depth != 1 or path not in _BUILT_SECTIONS:
                         refuse(child, "is a Hydra instantiation key where dlrun uses none")
                     if key == "_target_" and value not in allowed:
-                        refuse(child, f"= {value!r} is not one of dlrun's builders")
+                        refuse(child, f"= {value!r} is not one of dlrun's builders", str(value))
                 walk(value, child, depth + 1)
         elif isinstance(node, list):
             for index, item in enumerate(node):

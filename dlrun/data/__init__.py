@@ -11,6 +11,8 @@ import torch
 from dlrun.data.bundled import diabetes, digits, synthetic
 from dlrun.data.files import FolderSplit, image_folder, torchvision_dataset
 from dlrun.data.splits import Augment, Batch, Data, Split, TensorSplit, split_indices
+from dlrun.data.tables import csv_table
+from dlrun.data.text import text_csv
 
 __all__ = [
     "Augment",
@@ -19,11 +21,13 @@ __all__ = [
     "Split",
     "TensorSplit",
     "build",
+    "csv_table",
     "diabetes",
     "digits",
     "image_folder",
     "split_indices",
     "synthetic",
+    "text_csv",
     "torchvision_dataset",
 ]
 

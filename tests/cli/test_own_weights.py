@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import TINY_MODEL, error_line, ok, run_dirs
+from helpers import TINY_MODEL, error_line, ok, run_dirs
 
 OWN_MODEL = ("model=lenet", *TINY_MODEL)  # the architecture the weights were trained as (the default dataset)
 CHEAP_EVAL = ("device=cpu", "latency_repeats=1")

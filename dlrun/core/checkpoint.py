@@ -29,6 +29,8 @@ CONFIG = "config"  # the resolved run config: eval/quantize/export rebuild the m
 VERSIONS = "versions"
 GIT_COMMIT = "git_commit"
 STRUCTURE = "structure"  # prune runs: the pruned layer widths, which CONFIG alone would build wider
+EMA = "ema"  # trainer.ema runs' last.pt: the average's state_dict (weights, buffers, update count)
+ADAPTER = "adapter"  # adapter=lora runs' last.pt: the PEFT model's state_dict (MODEL holds the merged weights)
 REQUIRED = (MODEL, CONFIG)
 
 

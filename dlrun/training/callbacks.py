@@ -3,9 +3,9 @@
 A callback is a plain object with the hooks on_fit_start(loop), on_epoch_start(loop, epoch),
 on_epoch_end(loop, result) and on_fit_end(loop) (subclass Callback for no-op defaults), plus on_step() if it
 needs every optimizer step. Hooks run in list order; they read `loop.state` and may set `state.should_stop`.
-Later needs are one small callback each: TensorBoard/MLflow (log result.row), EMA (average weights in on_step),
-Optuna pruning (report the monitored metric, set should_stop), DDP (writers added on rank 0 only; a first callback
-all-reduces the per-rank train_loss/samples_per_s of result.row, val being the same full split on every rank).
+Callbacks that write files or the terminal set `rank_zero_only`: in a DDP job the other ranks drop them, and a
+first callback (ReduceTrainStats) turns the rank's train loss and throughput into the job's.
+The EMA of trainer.ema is no callback but the Loop's `average`: validation and best.pt use it instead of the model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from dlrun.core import checkpoint as ckpt
 from dlrun.core import files, provenance, reports, ui
 from dlrun.core.errors import DlrunError
-from dlrun.training import env
+from dlrun.training import adapters, distributed, env
 from dlrun.training.loop import Callback, EpochResult, Loop
 
 log = logging.getLogger("dlrun")
@@ -29,6 +29,8 @@ BEST, LAST = "best.pt", "last.pt"
 
 class Progress(Callback):
     """A live bar over the fit's optimizer steps on a terminal (ui.progress); nothing elsewhere."""
+
+    rank_zero_only = True  # in a DDP job only rank 0 writes
 
     def __init__(self, description: str = "training"):
         self.description = description
@@ -51,6 +53,8 @@ class Progress(Callback):
 class MetricsWriter(Callback):
     """metrics.csv and metrics.jsonl in `folder`, one row per completed epoch, rewritten whole (atomically)."""
 
+    rank_zero_only = True  # in a DDP job only rank 0 writes
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
@@ -59,7 +63,14 @@ class MetricsWriter(Callback):
 
 
 class Checkpointer(Callback):
-    """`folder`/last.pt after every epoch, best.pt after every improvement: everything a resume needs."""
+    """`folder`/last.pt after every epoch, best.pt after every improvement: everything a resume needs.
+
+    MODEL always holds plain weights that later commands load into the config's model: best.pt the validated ones
+    (`loop.evaluated`: the EMA under trainer.ema), LoRA adapters merged in. last.pt holds the live weights, plus
+    the EMA's state and the PEFT model's own state when the fit has them, so that a resume continues them exactly.
+    """
+
+    rank_zero_only = True  # in a DDP job only rank 0 writes
 
     def __init__(self, folder: Path, config: dict):
         self.folder = Path(folder)
@@ -72,12 +83,18 @@ class Checkpointer(Callback):
     def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
         snapshot = self._snapshot(loop)
         if result.improved:
-            ckpt.save(self.folder / BEST, snapshot)
+            best = {k: v for k, v in snapshot.items() if k not in (ckpt.EMA, ckpt.ADAPTER)}
+            ckpt.save(self.folder / BEST, best | {ckpt.MODEL: adapters.plain_state_dict(loop.evaluated)})
         ckpt.save(self.folder / LAST, snapshot)
 
     def _snapshot(self, loop: Loop) -> dict:
-        return {
-            ckpt.MODEL: loop.model.state_dict(),
+        resumable = {}
+        if loop.average is not None:
+            resumable[ckpt.EMA] = loop.average.state_dict()
+        if adapters.is_adapted(loop.model):
+            resumable[ckpt.ADAPTER] = loop.model.state_dict()
+        return resumable | {
+            ckpt.MODEL: adapters.plain_state_dict(loop.model),
             ckpt.OPTIMIZER: loop.optimizer.state_dict(),
             ckpt.SCHEDULER: loop.scheduler.state_dict(),
             ckpt.EPOCH: loop.state.epoch,
@@ -87,6 +104,20 @@ class Checkpointer(Callback):
             ckpt.VERSIONS: provenance.versions(),
             ckpt.GIT_COMMIT: provenance.git_commit(),
         }
+
+
+class ReduceTrainStats(Callback):
+    """The first callback of every rank of a DDP job: the epoch row's train_loss becomes the mean over all ranks'
+    samples and samples_per_s the whole job's throughput, so metrics.csv and the log describe the job, not rank 0."""
+
+    def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
+        stats = result.stats
+        job = distributed.all_reduce_totals(
+            {"loss": stats.loss * stats.samples, "samples": stats.samples, "seconds": stats.seconds},
+            maxima=("seconds",),
+        )
+        result.row["train_loss"] = job["loss"] / job["samples"]
+        result.row["samples_per_s"] = job["samples"] / max(job["seconds"], 1e-9)
 
 
 class EarlyStopping(Callback):
@@ -108,12 +139,12 @@ class EpochLog(Callback):
         self.prefix = prefix  # e.g. "qat ", to tell fine-tuning epochs from training ones
 
     def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
-        stats, val = result.stats, result.val
+        stats, val, row = result.stats, result.val, result.row
         headline = "accuracy" if loop.data.task == "classification" else "r2"  # orders epochs as val loss does
         log.info(
-            f"{self.prefix}epoch {result.epoch}/{loop.config.epochs}  train_loss {stats.loss:.4f}  "
+            f"{self.prefix}epoch {result.epoch}/{loop.config.epochs}  train_loss {row['train_loss']:.4f}  "
             f"val_loss {val['loss']:.4f}  val_{headline} {val[headline]:.4f}{' *' if result.improved else ''}  "
-            f"lr {result.row['lr']:.3g}  {stats.seconds:.2f}s  {stats.samples_per_s:,.0f} samples/s"
+            f"lr {row['lr']:.3g}  {stats.seconds:.2f}s  {row['samples_per_s']:,.0f} samples/s"
             + (f"  skipped {stats.skipped_batches} non-finite batches" if stats.skipped_batches else "")
         )
 
@@ -126,6 +157,8 @@ class Plots(Callback):
     the last drawing is `every_s` old, so the curves can be watched while it runs. A plot that cannot be written is
     a warning, never the end of a run that trained.
     """
+
+    rank_zero_only = True  # in a DDP job only rank 0 writes
 
     CURVES = "curves.png"
 

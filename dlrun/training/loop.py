@@ -194,6 +194,8 @@ class Callback:
     """What an epoch does besides training and validating (dlrun.training.callbacks): no-op hooks, subclasses
     override the ones they need, and define on_step() only if they need every optimizer step."""
 
+    rank_zero_only = False  # True for callbacks that write files or the terminal: rank 0 only in a DDP job
+
     def on_fit_start(self, loop: Loop) -> None:
         pass
 
@@ -212,10 +214,12 @@ class Loop:
     """`fit()` runs epochs state.epoch+1..config.epochs: train one epoch, validate, record the row, call the callbacks.
 
     Extension points: `compute_loss(model, x, y)` (distillation adds a teacher's term), `set_mode(model, training)`
-    (graphs that refuse `.train()`), `network` (what trains, e.g. torch.compile(model), sharing `model`'s weights).
+    (graphs that refuse `.train()`, frozen BatchNorm), `network` (what trains, e.g. torch.compile(model), sharing
+    `model`'s weights), `average` (an EMA of `model`, updated after every optimizer step, that is validated and kept
+    as best in place of `model`: see `evaluated`).
     """
 
-    model: nn.Module  # what is validated and checkpointed
+    model: nn.Module  # what trains (through `network`) and what last.pt holds
     data: Data
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -225,7 +229,13 @@ class Loop:
     compute_loss: ComputeLoss | None = None  # None: supervised_loss(loss_fn)
     set_mode: SetMode = module_mode
     network: nn.Module | None = None  # None: the model itself
+    average: Any = None  # a torch.optim.swa_utils.AveragedModel of `model` (dlrun.training.ema), or None
     state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated and kept as best.pt: the average's when there is one."""
+        return self.model if self.average is None else self.average.module
 
     @property
     def monitor(self) -> tuple[str, str]:
@@ -237,6 +247,8 @@ class Loop:
         on_fit_start opened."""
         # Only callbacks that ask for it (a progress bar) run per optimizer step: the hot loop stays lean.
         step_hooks = [callback.on_step for callback in self.callbacks if hasattr(callback, "on_step")]
+        if self.average is not None:  # first, so that every other hook sees this step's average
+            step_hooks.insert(0, lambda: self.average.update_parameters(self.model))
 
         def on_step() -> None:
             for hook in step_hooks:
@@ -278,8 +290,8 @@ class Loop:
             )
         except NonFiniteLoss as error:  # the hot loop knows where; the config knows which settings to advise
             raise NonFiniteLoss(error.epoch, error.step, c.nan_advice) from None
-        self.set_mode(self.model, False)
-        val = evaluate.evaluate(self.model, self.data.val, self.data, batch_size=c.eval_batch_size)
+        self.set_mode(self.evaluated, False)
+        val = evaluate.evaluate(self.evaluated, self.data.val, self.data, batch_size=c.eval_batch_size)
         row = {
             "epoch": epoch,
             "train_loss": stats.loss,

@@ -55,12 +55,19 @@ def build_optimization(
     optimizer_cfg, scheduler_cfg, parameters, *, train_size: int, batch_size: int, epochs: int, lr_scale: float = 1.0
 ) -> tuple[Optimizer, LRScheduler]:
     """The optimizer and its per-batch schedule from their config groups (Hydra partials), sized for a fit of
-    `epochs` over `train_size` samples. Train, QAT fine-tuning, pruning fine-tunes and distillation share it."""
+    `epochs` over `train_size` samples. Train, QAT fine-tuning, pruning fine-tunes and distillation share it.
+
+    `parameters` are tensors, or param groups (dlrun.training.transfer.param_groups) whose `lr_ratio` scales
+    the optimizer's lr for that group (a backbone fine-tuned slower than its new head)."""
     from dlrun.config.compose import instantiate
 
+    lr = optimizer_cfg.lr * lr_scale
+    parameters = list(parameters)
+    if parameters and isinstance(parameters[0], dict):
+        parameters = [{"params": g["params"], "lr": lr * g.get("lr_ratio", 1.0)} for g in parameters]
     steps_per_epoch = math.ceil(train_size / batch_size)
     try:  # Hydra partials: a wrong added key (+optimizer.betaz=...) only fails here, when they are called
-        optimizer = instantiate(optimizer_cfg, "optimizer")(parameters, lr=optimizer_cfg.lr * lr_scale)
+        optimizer = instantiate(optimizer_cfg, "optimizer")(parameters, lr=lr)
         scheduler = instantiate(scheduler_cfg, "scheduler")(
             optimizer, total_steps=steps_per_epoch * epochs, steps_per_epoch=steps_per_epoch
         )

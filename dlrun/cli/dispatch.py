@@ -16,9 +16,18 @@ from typing import NoReturn
 from dlrun.cli.registry import Command
 from dlrun.config import compose, trust, validate
 from dlrun.core.errors import FAILURE, USAGE, DlrunError, UsageError
+from dlrun.training import distributed
 
-# Commands whose interrupted runs continue in place with resume=RUN_DIR (dlrun.training.session).
-RESUMABLE = ("train", "distill")
+# Commands whose interrupted runs continue in place with resume=RUN_DIR (dlrun.training.session; dlrun.commands.tune),
+# and the file such a run directory holds.
+RESUMABLE = {
+    "train": "checkpoints/last.pt",
+    "distill": "checkpoints/last.pt",
+    "tune": "study.db",
+    "prune": "checkpoints/round.pt",
+}
+# Commands that train with DDP over trainer.devices processes (dlrun.training.distributed).
+DATA_PARALLEL = ("train",)
 # What a summary.json's metrics.test is ranked by in a sweep's table, the first one present.
 MAIN_METRICS = ("accuracy", "r2", "mse", "loss")
 
@@ -27,10 +36,12 @@ def dispatch(command: Command, overrides: list[str], multirun: bool, cfg_mode: s
     """Validate the overrides, pick the run directory, then hand over to Hydra's own runner."""
     reserved = None  # the run (or sweep) directory this invocation created, None when the user chose it
     resumed = None
+    launch_devices = 0  # > 1: this process starts that many DDP workers (trainer.devices) and waits for them
     try:
         if multirun and cfg_mode:
             raise UsageError("--cfg prints one job's config: drop --multirun (-m), or pick one value per sweep")
         overrides = compose.expand_aliases(compose.quote_non_ascii(overrides), command.aliases)
+        as_typed = overrides  # what DDP workers get: each one replays a resumed run's overrides itself
         typed_targets = trust.targets_in_overrides(overrides)
         resumed = _resume_dir(command.name, overrides)
         replayed = _with_resumed_overrides(resumed, overrides) if resumed else overrides
@@ -45,14 +56,38 @@ def dispatch(command: Command, overrides: list[str], multirun: bool, cfg_mode: s
             validate.check_no_sweep(overrides)
         if not cfg_mode:
             validate.check_complete(composed)
+        worker = distributed.is_worker() and not cfg_mode
+        if worker:  # one process of a DDP job: join the others before choosing the run directory with them
+            if command.name not in DATA_PARALLEL:
+                raise UsageError(f"dlrun {command.name} runs in one process: start it without a distributed launcher")
+            distributed.join(composed.trainer.dist_timeout_s, use_cuda=_uses_cuda(composed))
+        elif not cfg_mode:
+            launch_devices = _devices_to_launch(command.name, composed, multirun)
         if not cfg_mode and not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides):
             from dlrun.core.rundir import reserve_run_dir
 
-            reserved = reserve_run_dir(command.name, composed.get("name"), multirun=multirun)
+            def reserve() -> Path:
+                return reserve_run_dir(command.name, composed.get("name"), multirun=multirun)
+
+            # Under an outside launcher (torchrun, srun) rank 0 reserves the one run directory for all ranks.
+            run_dir = distributed.shared_run_dir(reserve) if worker else reserve()
+            reserved = run_dir if distributed.is_main() else None
             key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-            overrides = [*overrides, f"{key}={compose.quote(str(reserved))}"]
+            overrides = [*overrides, f"{key}={compose.quote(str(run_dir))}"]
+            as_typed = [*as_typed, f"{key}={compose.quote(str(run_dir))}"]
+        if worker:
+            run_dir = Path(_run_dir_override(overrides))
+            overrides = [*overrides, *distributed.worker_overrides(run_dir)]
+            distributed.send_output_to_log(run_dir)
     except DlrunError as exc:
         fail(exc, verbose)
+
+    if launch_devices:
+        args = [*(["--verbose"] if verbose else []), command.name, *as_typed]
+        code = distributed.launch(command.name, args, launch_devices, reserved or resumed)
+        if code in (USAGE, FAILURE) and reserved is not None:
+            _remove_if_without_results(reserved, command.name)
+        sys.exit(code)
 
     import hydra
 
@@ -113,6 +148,8 @@ class _Jobs:
             recipe = importlib.import_module(self.command.recipe)
             _route_torch_warnings_to_log()
             recipe.run(cfg)
+            if cfg.get("logger"):  # the test metrics, hyperparameters and artifacts to the trackers of logger=[...]
+                importlib.import_module("dlrun.training.trackers").finish(cfg, run_dir)
         except DlrunError as exc:
             error = exc
         except Exception as exc:  # a bug, not a user error: one line here, the traceback in the run's log
@@ -121,7 +158,7 @@ class _Jobs:
                 traceback.print_exc()
             error, crashed = DlrunError(f"{type(exc).__name__}: {exc} (run with --verbose for the traceback)"), True
         else:
-            if not self.multirun:
+            if not self.multirun and distributed.is_main():
                 print(_wrote(run_dir))  # plain print: a path rich would wrap could not be copied
             return
         self.crashed = self.crashed or crashed
@@ -138,6 +175,8 @@ class _Jobs:
         """One table comparing the sweep's jobs, then exit 1 if any failed."""
         from dlrun.core import rundir, ui
 
+        if not self.outcomes and self.reserved is not None:  # a launcher ran the jobs in other processes (submitit)
+            self.outcomes = _outcomes_on_disk(self.reserved, self.command.name)
         shared = set.intersection(*(set(o.overrides) for o in self.outcomes)) if self.outcomes else set()
         rows = []
         for outcome in self.outcomes:
@@ -163,6 +202,55 @@ class _Jobs:
                 DlrunError(f"{len(failed)} of {len(self.outcomes)} jobs failed (job {numbers}); see the table above"),
                 verbose=False,
             )
+
+
+def _uses_cuda(cfg) -> bool:
+    device = str(cfg.trainer.device)
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
+def _devices_to_launch(command: str, cfg, multirun: bool) -> int:
+    """trainer.devices when this process must start a DDP job, else 0."""
+    devices = cfg.trainer.devices if "trainer" in cfg and "devices" in cfg.trainer else 1
+    if devices <= 1:
+        return 0
+    if command not in DATA_PARALLEL:
+        raise UsageError(f"trainer.devices={devices}: dlrun {command} runs in one process")
+    if multirun:
+        raise UsageError(
+            f"trainer.devices={devices} with --multirun: run the sweep's jobs one at a time on a cluster "
+            "launcher (hydra/launcher=slurm), or drop trainer.devices"
+        )
+    distributed.check_devices(devices, str(cfg.trainer.device))
+    return devices
+
+
+def _run_dir_override(overrides: list[str]) -> str:
+    value = next(o.partition("=")[2] for o in reversed(overrides) if o.startswith("hydra.run.dir="))
+    return value.strip("'\"")
+
+
+def _outcomes_on_disk(sweep_dir: Path, command: str) -> list[_Outcome]:
+    """The jobs of a sweep run by another process (hydra/launcher=submitit_local|slurm), read from their
+    directories: overrides from .hydra/overrides.yaml, a failure from the `error:` line in the job's log."""
+    from omegaconf import OmegaConf
+
+    outcomes = []
+    for job in sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
+        saved = job / ".hydra" / "overrides.yaml"
+        overrides = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+        error = None
+        if not (job / "summary.json").is_file():
+            log_file = job / f"{command}.log"
+            lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
+            errors = [line.partition("error: ")[2] for line in lines if "error: " in line]
+            error = errors[-1] if errors else f"no summary.json; see {job}"
+        outcomes.append(_Outcome(int(job.name), overrides, job, error))
+    return outcomes
 
 
 def _main_test_metric(run_dir: Path) -> dict:
@@ -243,9 +331,9 @@ def _resume_dir(command: str, overrides: list[str]) -> Path | None:
         return None
     run_dir = Path(resume.strip("'\""))
     saved = run_dir / ".hydra" / "overrides.yaml"
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
+    if not (run_dir / RESUMABLE[command]).is_file():
         raise UsageError(
-            f"cannot resume {run_dir}: no checkpoints/last.pt there (is it a dlrun {command} run directory?)"
+            f"cannot resume {run_dir}: no {RESUMABLE[command]} there (is it a dlrun {command} run directory?)"
         )
     if not saved.is_file():
         raise UsageError(f"cannot resume {run_dir}: {saved} is missing")

@@ -30,10 +30,14 @@ def validate(command: str, overrides: list[str]):
     selections, settings = [], []
     for override in parsed:
         key = override.key_or_group
+        if key == "hydra/launcher" and not override.is_delete():
+            for value in _values(override):
+                _check_option("hydra/launcher", value, launchers())
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             continue
         first = _values(override)[0] if _values(override) else None
-        line = override.input_line if first is None else f"{override.get_key_element()}={first}"
+        several = isinstance(override.value(), list) and not override.is_sweep_override()  # logger=[csv,mlflow]
+        line = override.input_line if first is None or several else f"{override.get_key_element()}={first}"
         if key in options:
             if not override.is_delete():
                 for value in _values(override):
@@ -78,6 +82,17 @@ def validate(command: str, overrides: list[str]):
     return cfg
 
 
+def launchers() -> list[str]:
+    """The hydra/launcher options: Hydra's basic, installed plugins' (submitit_local, submitit_slurm), conf/'s."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dlrun.config.compose import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options("hydra/launcher"))
+
+
 def check_no_sweep(overrides: list[str]) -> None:
     """A comma list or range() runs one job per value, which only --multirun does."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -119,6 +134,8 @@ def _values(override) -> list[str]:
             return list(override.sweep_string_iterator())
         except Exception:  # interval sweeps (optuna) have no finite list of values
             return []
+    if isinstance(override.value(), list) and override.key_or_group in groups():  # logger=[csv,tensorboard]
+        return [str(option) for option in override.value()]
     return [override.get_value_element_as_str()]
 
 
@@ -249,12 +266,20 @@ RULES: dict[str, Rule] = {
     "trainer.nan_policy": (lambda v: v in ("stop", "skip_batch"), "one of stop, skip_batch"),
     "trainer.grad_clip": (lambda v: v is None or v > 0, "null or a number > 0"),
     "trainer.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "trainer.devices": (lambda v: _is_count(v), "an integer >= 1"),
+    "trainer.dist_timeout_s": (lambda v: 0 < v < math.inf, "a number > 0"),
     "trainer.patience": (lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
     "optimizer.lr": (lambda v: 0 < v < math.inf, "a number > 0 and finite"),
     "dataset.input_shape": (
-        lambda v: len(v) >= 1 and all(isinstance(d, int) and d >= 1 for d in v),
-        "a non-empty list of integers >= 1",
+        lambda v: v is None or (len(v) >= 1 and all(isinstance(d, int) and d >= 1 for d in v)),
+        "null (read from the data) or a non-empty list of integers >= 1",
     ),
+    "dataset.max_len": (lambda v: _is_count(v), "an integer >= 1"),
+    "dataset.vocab_size": (lambda v: v is None or (_is_count(v) and v >= 2), "null or an integer >= 2"),
+    "dataset.level": (lambda v: v in ("char", "word"), "one of char, word"),
+    "dataset.header": (lambda v: v in ("auto", True, False), "one of auto, true, false"),
+    "model.layers": (lambda v: _is_count(v), "an integer >= 1"),
+    "model.embedding_dim": (lambda v: _is_count(v), "an integer >= 1"),
     "dataset.val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dataset.test_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "dataset.num_outputs": (lambda v: v is None or _is_count(v), "null or an integer >= 1"),
@@ -265,11 +290,33 @@ RULES: dict[str, Rule] = {
     "model.width": (lambda v: _is_count(v) and v >= 4, "an integer >= 4"),  # GoogLeNet's smallest branch is width//4
     "model.width_mult": (lambda v: 0 < v < math.inf, "a number > 0"),
     "model.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    # Fine-tuning (dlrun.training.transfer, .ema, .adapters); module names are checked against the built model.
+    "trainer.freeze": (lambda v: _are_names(v), "a list of module names, like [features]"),
+    "trainer.head": (lambda v: _are_names(v), "a list of module names, like [head]"),
+    "trainer.backbone_lr_ratio": (lambda v: 0 < v < math.inf, "a number > 0 (the backbone's lr / optimizer.lr)"),
+    "trainer.ema": (lambda v: v is None or 0 < v < 1, "null or a decay in (0, 1), like 0.999"),
+    "model.weights_path": (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a file path"),
+    "adapter.r": (lambda v: _is_count(v), "an integer >= 1"),
+    "adapter.alpha": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "adapter.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adapter.target": (lambda v: v is None or (_are_names(v) and len(v) >= 1), "null or a list of layer names"),
+    "adapter.train": (lambda v: _are_names(v), "a list of module names, like [head]"),
     "quantizer.epochs": (lambda v: _is_count(v), "an integer >= 1"),
     "distiller.temperature": (lambda v: 0 < v < math.inf, "a number > 0 and finite"),
     "distiller.alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "device": (lambda v: _is_device(v), "one of auto, cpu, cuda, cuda:N"),
     "batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "n_trials": (lambda v: _is_count(v), "an integer >= 1"),
+    "sampler.name": (lambda v: v in ("tpe", "random"), "one of tpe, random"),
+    "sampler.startup_trials": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "pruner.name": (lambda v: v in ("median", "successive_halving", "none"), "one of median, successive_halving, none"),
+    "pruner.startup_trials": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "pruner.warmup_epochs": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "pruner.min_epochs": (lambda v: _is_count(v), "an integer >= 1"),
+    "pruner.reduction_factor": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    "max_drop": (lambda v: v is None or 0 <= v < math.inf, "null or a number >= 0 (accuracy points lost on val)"),
+    "max_float_layers": (lambda v: v is None or (isinstance(v, int) and v >= 0), "null or an integer >= 0"),
+    "report": (lambda v: v in (None, "sensitivity"), "null or sensitivity"),
 }
 
 
@@ -290,6 +337,10 @@ CROSS_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _are_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v != "" for v in value)
 
 
 def _are_counts(value: Any) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dlrun.core.errors import DlrunError, UsageError
-from dlrun.data.splits import Batch, Data, checked_meta, split_indices, standardized
+from dlrun.data.splits import Batch, Data, checked_meta, shard_order, split_indices, standardized
 
 
 def torchvision_dataset(
@@ -83,14 +83,19 @@ class FolderSplit:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def batches(self, batch_size, *, shuffle_seed=None, augment=None):
+    def batches(self, batch_size, *, shuffle_seed=None, augment=None, shard=(0, 1)):
         from torch.utils.data import DataLoader, Subset
 
         generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
+        indices = self.indices
+        if shard[1] > 1:  # the epoch's order is drawn here, then each rank reads its part of it
+            order = torch.randperm(len(indices), generator=generator) if generator is not None else None
+            order = shard_order(torch.arange(len(indices)) if order is None else order, shard, pad=order is not None)
+            indices = [self.indices[i] for i in order.tolist()]
         loader = DataLoader(
-            Subset(self.dataset, self.indices),
+            Subset(self.dataset, indices),
             batch_size=batch_size,
-            shuffle=generator is not None,
+            shuffle=generator is not None and shard[1] == 1,
             generator=generator,
             num_workers=self.num_workers,
             persistent_workers=False,

@@ -47,7 +47,12 @@ class Split(Protocol):
     def __len__(self) -> int: ...
 
     def batches(
-        self, batch_size: int, *, shuffle_seed: int | None = None, augment: Augment | None = None
+        self,
+        batch_size: int,
+        *,
+        shuffle_seed: int | None = None,
+        augment: Augment | None = None,
+        shard: tuple[int, int] = (0, 1),  # (rank, world size): this process's part in data-parallel training
     ) -> Iterator[Batch]: ...
 
 
@@ -64,11 +69,14 @@ class TensorSplit:
     def to(self, device: torch.device) -> TensorSplit:
         return TensorSplit(self.x.to(device), self.y.to(device))
 
-    def batches(self, batch_size, *, shuffle_seed=None, augment=None):
+    def batches(self, batch_size, *, shuffle_seed=None, augment=None, shard=(0, 1)):
         n = len(self.x)
         generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
-        order = torch.randperm(n, generator=generator).to(self.x.device) if generator is not None else None
-        for start in range(0, n, batch_size):
+        order = torch.randperm(n, generator=generator) if generator is not None else None
+        if shard[1] > 1:
+            order = shard_order(torch.arange(n) if order is None else order, shard, pad=generator is not None)
+        order = order.to(self.x.device) if order is not None else None
+        for start in range(0, len(order) if order is not None else n, batch_size):
             if order is None:
                 x, y = self.x[start : start + batch_size], self.y[start : start + batch_size]
             else:
@@ -77,6 +85,16 @@ class TensorSplit:
             if augment is not None and generator is not None:
                 x = augment(x, generator)
             yield x, y
+
+
+def shard_order(order: torch.Tensor, shard: tuple[int, int], *, pad: bool) -> torch.Tensor:
+    """Rank `shard[0]` of `shard[1]`'s samples of an epoch's order. Training pads by wrapping around so that every
+    rank runs the same number of steps (as DistributedSampler); evaluation gives each sample to exactly one rank."""
+    rank, world = shard
+    if pad:
+        total = -(-len(order) // world) * world
+        order = order.repeat(-(-total // len(order)))[:total]
+    return order[rank::world]
 
 
 @dataclass
@@ -89,6 +107,7 @@ class Data:
     test: Split
     augment: Augment = field(default_factory=Augment)
     class_names: list[str] | None = None
+    vocab_size: int | None = None  # token-id inputs (dataset=text_csv): ids < vocab_size, 0 = padding
     # Regression targets are standardized for training; metrics are reported in the original units.
     target_mean: float = 0.0
     target_std: float = 1.0
@@ -139,7 +158,7 @@ def standardized(x: torch.Tensor, y: torch.Tensor, parts, *, task: str, image: b
 
 def checked_meta(task, input_shape, num_outputs, augment, actual_shape, actual_outputs, name) -> dict:
     """Check the config's declared shape against the real data; models are built from the declared one."""
-    if tuple(input_shape) != tuple(actual_shape):
+    if input_shape is not None and tuple(input_shape) != tuple(actual_shape):  # null: read from the data
         raise UsageError(
             f"dataset {name} has input shape {list(actual_shape)}, but dataset.input_shape is {list(input_shape)}"
         )

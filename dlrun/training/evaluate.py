@@ -44,7 +44,9 @@ def evaluate(
     """
     classification = data.task == "classification"
     loss_fn = loss_function(data.task)
-    totals: dict[str, torch.Tensor | float] = {}
+    # Every total starts at zero, so that a rank with an empty shard reduces the same keys as the others.
+    keys = ["loss", *(["correct", "top5"] if classification else []), *(["max_abs_diff", "agree"] if reference else [])]
+    totals: dict[str, float] = dict.fromkeys(keys, 0.0)
     n = 0
     matrix = torch.zeros(data.num_outputs, data.num_outputs, dtype=torch.long) if confusion and classification else None
     targets, outputs_all = [], []
@@ -52,13 +54,13 @@ def evaluate(
         out = predict(x).float()
         y_cpu = y.cpu()
         out_cpu = out.cpu()
-        _add(totals, "loss", loss_fn(out_cpu, y_cpu).item() * len(x))
+        totals["loss"] += loss_fn(out_cpu, y_cpu).item() * len(x)
         if classification:
             pred = out_cpu.argmax(1)
-            _add(totals, "correct", (pred == y_cpu).sum().item())
-            if data.num_outputs > 5:
+            totals["correct"] += (pred == y_cpu).sum().item()
+            if data.num_outputs > 5:  # top-5 of 5 classes or fewer is always 1
                 top5 = out_cpu.topk(5, dim=1).indices
-                _add(totals, "top5", (top5 == y_cpu[:, None]).any(1).sum().item())
+                totals["top5"] += (top5 == y_cpu[:, None]).any(1).sum().item()
             if matrix is not None:
                 matrix += torch.bincount(y_cpu * data.num_outputs + pred, minlength=data.num_outputs**2).view_as(matrix)
         else:
@@ -66,16 +68,18 @@ def evaluate(
             outputs_all.append(out_cpu)
         if reference is not None:
             ref = reference(x).float().cpu()
-            _add(totals, "max_abs_diff", (ref - out_cpu).abs().max().item(), reduce=max)
+            totals["max_abs_diff"] = max(totals["max_abs_diff"], (ref - out_cpu).abs().max().item())
             if classification:
-                _add(totals, "agree", (ref.argmax(1) == out_cpu.argmax(1)).sum().item())
+                totals["agree"] += (ref.argmax(1) == out_cpu.argmax(1)).sum().item()
         n += len(x)
+    if getattr(split, "world", 1) > 1:  # a data-parallel rank's shard: the metrics are of the whole split
+        totals, n, matrix, targets, outputs_all = _over_ranks(totals, n, matrix, targets, outputs_all, classification)
     if n == 0:
         raise DlrunError("the evaluation split is empty")
     metrics: dict = {"loss": totals["loss"] / n, "samples": n}
     if classification:
         metrics["accuracy"] = totals["correct"] / n
-        if "top5" in totals:
+        if data.num_outputs > 5:
             metrics["top5"] = totals["top5"] / n
         if matrix is not None:
             metrics["confusion_matrix"] = matrix.tolist()
@@ -94,5 +98,18 @@ def evaluate(
     return metrics
 
 
-def _add(totals: dict, key: str, value: float, reduce=lambda a, b: a + b) -> None:
-    totals[key] = reduce(totals[key], value) if key in totals else value
+def _over_ranks(totals: dict, n: int, matrix, targets: list, outputs: list, classification: bool):
+    """Sum every rank's totals (max for max_abs_diff), confusion matrix and regression outputs: each rank then holds
+    the whole split's numbers and takes the same decisions."""
+    from dlrun.training import distributed
+
+    summed = distributed.all_reduce_totals({**totals, "samples": n}, maxima=("max_abs_diff",))
+    n = int(summed.pop("samples"))
+    totals = {key: summed[key] for key in totals}
+    if matrix is not None:
+        matrix = distributed.all_reduce_tensor(matrix)
+    if not classification:
+        empty = torch.empty(0, 1)
+        targets = [distributed.all_gather_cat(torch.cat(targets) if targets else empty)]
+        outputs = [distributed.all_gather_cat(torch.cat(outputs) if outputs else empty)]
+    return totals, n, matrix, targets, outputs

@@ -26,7 +26,7 @@ from dlrun.core import checkpoint as ckpt
 from dlrun.core import locks, reports, rundir
 from dlrun.core.errors import DlrunError, UsageError
 from dlrun.data import Data
-from dlrun.training import callbacks, env, evaluate, loop, schedulers
+from dlrun.training import adapters, callbacks, distributed, ema, env, evaluate, loop, schedulers, trackers, transfer
 
 log = logging.getLogger("dlrun")
 INTERRUPTED = 130  # the shell's code for Ctrl-C
@@ -46,8 +46,9 @@ SAME_EXPERIMENT = (
 
 @contextlib.contextmanager
 def guarded(run_dir: Path, command: str) -> Iterator[None]:
-    """Hold the run's lock while training; the first Ctrl-C becomes DlrunError(exit 130) saying how to resume."""
-    lock = locks.acquire_lock(run_dir)
+    """Hold the run's lock while training (rank 0 holds it for a DDP job); the first Ctrl-C becomes
+    DlrunError(exit 130) saying how to resume."""
+    lock = locks.acquire_lock(run_dir) if distributed.is_main() else None
     previous_handler = signal.signal(signal.SIGINT, on_interrupt(lock))
     try:
         yield
@@ -56,10 +57,11 @@ def guarded(run_dir: Path, command: str) -> Iterator[None]:
     else:
         signal.signal(signal.SIGINT, previous_handler)
     finally:
-        locks.release_lock(lock)
+        if lock is not None:
+            locks.release_lock(lock)
 
 
-def on_interrupt(lock: Path):
+def on_interrupt(lock: Path | None):
     """First Ctrl-C: KeyboardInterrupt (stop cleanly, say how to resume). Second: exit at once.
 
     Every file of a run is replaced atomically, so exiting mid-way leaves each one old or new, never half;
@@ -70,7 +72,8 @@ def on_interrupt(lock: Path):
     def handler(signum, frame):
         nonlocal interrupted
         if interrupted:
-            locks.release_lock(lock)
+            if lock is not None:
+                locks.release_lock(lock)
             os.write(2, b"interrupted again: exiting now\n")
             os._exit(INTERRUPTED)
         interrupted = True
@@ -102,6 +105,7 @@ class Fitted:
     state: loop.TrainState
     val: dict  # the best epoch's validation metrics
     test: dict  # the best checkpoint's test metrics (with the confusion matrix for classification)
+    trainable_params: int = 0  # what the optimizer trained: less than the model's under trainer.freeze or LoRA
 
     @property
     def epochs_run(self) -> int:
@@ -131,10 +135,12 @@ def fit(
     (distillation); `label` tells this fit's progress and epoch lines from another's in the same run;
     `extra_callbacks` run after the built-in ones (a tuning trial's pruning callback)."""
     t = cfg.trainer
+    data = distributed.sharded(data)  # in a DDP job, this rank's part of each split
+    param_groups, set_mode, average = _fine_tuning(model, t)
     optimizer, scheduler = schedulers.build_optimization(
         cfg.optimizer,
         cfg.scheduler,
-        model.parameters(),
+        param_groups,
         train_size=len(data.train),
         batch_size=t.batch_size,
         epochs=t.epochs,
@@ -148,17 +154,21 @@ def fit(
         scheduler,
         task_loss(data.task, t),
         loop.FitConfig.from_trainer(t),
-        callbacks=[
+        callbacks=distributed.for_this_rank(
+            *([callbacks.ReduceTrainStats()] if distributed.is_worker() else []),
             callbacks.Progress(label or "training"),
             callbacks.MetricsWriter(folder),
             callbacks.Checkpointer(checkpoints, config),
             callbacks.EpochLog(f"{label} " if label else ""),
             callbacks.EarlyStopping(t.patience),
             callbacks.Plots(folder),
+            *trackers.from_config(cfg, folder),
             *extra_callbacks,
-        ],
+        ),
         compute_loss=compute_loss,
-        network=torch.compile(model) if t.compile else None,
+        network=_network(model, t.compile, device),
+        set_mode=set_mode,
+        average=average,
     )
     if resume and (checkpoints / callbacks.LAST).is_file():
         locks.remove_stale_temps(folder, checkpoints)  # left by a process killed mid-write (we hold the lock)
@@ -167,17 +177,25 @@ def fit(
     if not state.best_epoch:  # every epoch validated to NaN/inf: no best.pt was written
         raise DlrunError(f"no epoch had finite validation metrics, so there is no best.pt. {fitting.config.nan_advice}")
 
+    distributed.barrier()  # rank 0 has written the final best.pt
+    model = adapters.unwrap(model)  # LoRA: best.pt holds merged plain weights
     model.load_state_dict(ckpt.load(checkpoints / callbacks.BEST, device)[ckpt.MODEL])
     model.eval()
     test = evaluate.evaluate(model, data.test, data, batch_size=t.eval_batch_size, confusion=True)
-    if "confusion_matrix" in test:
+    if "confusion_matrix" in test and distributed.is_main():
         path = folder / "confusion_matrix.png"
         title = f"{folder.name}: test, best epoch {state.best_epoch}"
         callbacks.guarded(
             path, lambda: reports.confusion_matrix_plot(path, test["confusion_matrix"], data.class_names, title=title)
         )
     val = {k.removeprefix("val_"): v for k, v in state.rows[state.best_epoch - 1].items() if k.startswith("val_")}
-    return Fitted(state, val, test)
+    return Fitted(state, val, test, sum(p.numel() for group in optimizer.param_groups for p in group["params"]))
+
+
+def _network(model: nn.Module, compile_: bool, device: torch.device) -> nn.Module | None:
+    """What trains when it is not the model itself: DDP's wrapper in a distributed job, torch.compile's graph."""
+    network = distributed.wrap(model, device) if distributed.is_worker() else None
+    return torch.compile(network or model) if compile_ else network
 
 
 def init_weights(model: nn.Module, init_from: str, device, trusted=()) -> list[str]:
@@ -222,7 +240,7 @@ def init_weights(model: nn.Module, init_from: str, device, trusted=()) -> list[s
 def _restore(fitting: loop.Loop, path: Path, device, config: dict, folder: Path) -> loop.TrainState:
     """Load last.pt into the live objects; returns the train state after its epoch, with the metric rows up to it."""
     saved = ckpt.load(path, device)
-    ckpt.load_weights(fitting.model, saved[ckpt.MODEL], str(path), "this run's model config")
+    _restore_weights(fitting, saved, path)
     try:
         fitting.optimizer.load_state_dict(saved[ckpt.OPTIMIZER])
         fitting.scheduler.load_state_dict(saved[ckpt.SCHEDULER])
@@ -252,3 +270,35 @@ def _restore(fitting: loop.Loop, path: Path, device, config: dict, folder: Path)
         rows = [r for r in rows if r["epoch"] <= done]
     log.info(f"resuming {rundir.relative(folder)} after epoch {done}")
     return loop.TrainState.from_checkpoint(saved[ckpt.TRAINER_STATE], done, rows)
+
+
+# --- Fine-tuning: frozen parts, per-group learning rates, the EMA (dlrun.training.transfer, .ema, .adapters) ---
+
+
+def _fine_tuning(model: nn.Module, trainer: DictConfig) -> tuple[list[dict], loop.SetMode, nn.Module | None]:
+    """trainer.freeze, trainer.head/backbone_lr_ratio and trainer.ema: the optimizer's param groups (trainable
+    parameters only), the loop's train/eval switch (frozen BatchNorm stays in eval mode, also under LoRA) and the
+    moving average of the weights (None: off). Built after init_from's weights are in, before a resume's."""
+    transfer.freeze(model, trainer.freeze)
+    groups = transfer.param_groups(model, trainer.head, trainer.backbone_lr_ratio)
+    trainable, total = transfer.count_trainable(model), sum(p.numel() for p in model.parameters())
+    if trainable < total:
+        log.info(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)")
+    frozen = transfer.frozen_norms(model)
+    set_mode = transfer.frozen_norm_mode(frozen) if frozen else loop.module_mode
+    average = ema.average(model, trainer.ema) if trainer.ema is not None else None
+    return groups, set_mode, average
+
+
+def _restore_weights(fitting: loop.Loop, saved: dict, path: Path) -> None:
+    """last.pt's live weights into the model, and its EMA and PEFT states when this fit has them: the LoRA model
+    resumes from its own state (MODEL holds it merged), the average continues exactly where it was."""
+    adapted = adapters.is_adapted(fitting.model)
+    averaged = fitting.average is not None
+    for needed, key, setting in ((adapted, ckpt.ADAPTER, "adapter=lora"), (averaged, ckpt.EMA, "trainer.ema")):
+        if needed and key not in saved:
+            raise UsageError(f"{path} was saved without {setting}: resume it with the settings it was trained with")
+    weights = saved[ckpt.ADAPTER] if adapted else saved[ckpt.MODEL]
+    ckpt.load_weights(fitting.model, weights, str(path), "this run's model config")
+    if averaged:
+        ckpt.load_weights(fitting.average, saved[ckpt.EMA], f"{path} ({ckpt.EMA})", "this run's model config")

@@ -34,7 +34,7 @@ COMMANDS = {
         Command(
             "quantize",
             "Quantize a trained model: [bold]dlrun quantize mode=qat backend=xnnpack[/bold] "
-            "(modes: ptq, dynamic, qat, weight_only).",
+            "(modes: ptq, dynamic, qat, weight_only; max_drop=0.5 keeps the most sensitive layers float).",
             aliases={"mode": "quantizer", "backend": "quantizer.backend"},
         ),
         Command(
@@ -47,6 +47,11 @@ COMMANDS = {
             "bench",
             "Benchmark every variant of a run (eager, compiled, quantized, .pte, .onnx): "
             "[bold]dlrun bench run=RUN_DIR[/bold].",
+        ),
+        Command(
+            "profile",
+            "Time every operator of a .pte with ETDump (delegated or not): "
+            "[bold]dlrun profile artifact=model.pte batch=32[/bold] (or run=EXPORT_RUN).",
         ),
         Command(
             "distill",
@@ -63,6 +68,11 @@ COMMANDS = {
                 "scope": "pruner.scope",
                 "flops_ratio": "pruner.flops_ratio",
             },
+        ),
+        Command(
+            "tune",
+            "Search hyperparameters with Optuna, pruning hopeless trials: [bold]dlrun tune search=lenet n_trials=30 "
+            "trainer.epochs=10[/bold] (continue with resume=SWEEP_DIR).",
         ),
     )
 }

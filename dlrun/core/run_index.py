@@ -1,7 +1,7 @@
 """An index of past runs under outputs/ for `dlrun ls runs`: one entry per run directory, read without torch.
 
 A run directory is outputs/<command>/<run>/ or, for a sweep job, outputs/<command>/multirun/<timestamp>/<job>/
-(dlrun.core.rundir). Its status:
+(dlrun.core.rundir), or a `dlrun tune` trial, outputs/tune/<timestamp>/trials/<n>/. Its status:
 
     finished     has summary.json (read with contract.read_summary)
     unreadable   has a summary.json that read_summary refuses (its one-line reason is kept); never a crash
@@ -64,7 +64,7 @@ class RunEntry:
 def index(root: Path = rundir.OUTPUTS, command: str | None = None) -> list[RunEntry]:
     """Every run directory under `root` (of `command` when given), oldest first."""
     entries = [_entry(name, folder) for name, folder in _run_dirs(Path(root), command)]
-    return sorted(entries, key=lambda e: (e.date, str(e.path)))
+    return sorted(entries, key=lambda e: (e.date, str(e.path.parent), _trial_number(e.path)))
 
 
 def select(entries: list[RunEntry], *, last: int | None = None, sort: str | None = None) -> list[RunEntry]:
@@ -123,6 +123,8 @@ def _run_dirs(root: Path, command: str | None) -> list[tuple[str, Path]]:
         for run in sorted(_dirs(folder)):
             if run.name == "multirun":
                 found += [(folder.name, job) for sweep in sorted(_dirs(run)) for job in sorted(_dirs(sweep))]
+            elif (run / "trials").is_dir():  # a `dlrun tune` sweep: its trials are the runs
+                found += [(folder.name, trial) for trial in sorted(_dirs(run / "trials"), key=_trial_number)]
             else:
                 found.append((folder.name, run))
     return found
@@ -168,8 +170,9 @@ def _entry(command: str, folder: Path) -> RunEntry:
 
 
 def _date(folder: Path) -> dt.datetime:
-    """When the run started: the timestamp of its name (a sweep job: of its sweep's), else the folder's mtime."""
-    for name in (folder.name, folder.parent.name):
+    """When the run started: the timestamp of its name (a sweep job or tune trial: of its sweep's), else the
+    folder's mtime."""
+    for name in (folder.name, folder.parent.name, folder.parent.parent.name):
         match = _STAMP.match(name)
         if match:
             try:
@@ -183,9 +186,15 @@ def _date(folder: Path) -> dt.datetime:
 
 
 def _under_command(path: Path) -> str:
-    """<run> or multirun/<sweep>/<job>: the run's path below outputs/<command>/."""
+    """<run>, multirun/<sweep>/<job> or <sweep>/trials/<n> (tune): the run's path below outputs/<command>/."""
     parts = path.parts
-    return "/".join(parts[-3:]) if len(parts) >= 3 and parts[-3] == "multirun" else path.name
+    if len(parts) >= 3 and (parts[-3] == "multirun" or parts[-2] == "trials"):
+        return "/".join(parts[-3:])
+    return path.name
+
+
+def _trial_number(path: Path) -> tuple[int, str]:
+    return (int(path.name), "") if path.name.isdigit() else (1 << 30, path.name)
 
 
 def _cell(value) -> str:

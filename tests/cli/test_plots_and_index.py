@@ -189,3 +189,28 @@ def test_a_command_is_a_folder_name_never_a_path(tmp_path):
     for command in ("..", ".", "train/..", "../outputs"):
         assert run_index.index(tmp_path / "outputs", command) == []
     assert len(run_index.index(tmp_path / "outputs", "train")) == 1
+
+
+def test_ls_runs_lists_tune_trials_with_command_last_and_sort(tiny_run, tmp_path):
+    """A `dlrun tune` sweep is listed as its trials (train runs in outputs/tune/<sweep>/trials/<n>/), numbered in
+    order, never as a failed run of its own; --command, --last and --sort apply to them like to any run."""
+    cwd = outputs_with(tiny_run, tmp_path)
+    sweep = cwd / "outputs" / "tune" / "2030-01-01_00-00-00"
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    for number, accuracy in ((0, 0.5), (2, 0.9), (10, 0.7)):
+        trial = sweep / "trials" / str(number)
+        trial.mkdir(parents=True)
+        summary["metrics"]["test"]["accuracy"] = accuracy
+        (trial / "summary.json").write_text(json.dumps(summary))
+    (sweep / "study.db").write_bytes(b"")
+    tune_rows = table_rows(ok(run_dlrun(["ls", "runs", "--command", "tune"], cwd)).stdout)
+    assert [(row[0], row[1], row[3]) for row in tune_rows] == [
+        ("tune", f"{sweep.name}/trials/{n}", "finished") for n in (0, 2, 10)
+    ]
+    assert tune_rows[0][2] == "2030-01-01 00:00"  # the sweep's start
+    best = table_rows(
+        ok(run_dlrun(["ls", "runs", "--command", "tune", "--sort", "accuracy", "--last", "2"], cwd)).stdout
+    )
+    assert [row[1].rsplit("/", 1)[1] for row in best] == ["2", "10"]  # the 2 newest (2, 10), best first
+    everything = table_rows(ok(run_dlrun(["ls", "runs", "--sort", "accuracy"], cwd)).stdout)
+    assert len(everything) == 4 and everything[0][1].endswith("trials/2")

@@ -38,6 +38,9 @@ bench: setup
 	$(BIN)/python -m benchmarks.time_to_accuracy
 	$(BIN)/python -m benchmarks.startup
 	$(BIN)/python -m benchmarks.quantized_latency
+	$(BIN)/python -m benchmarks.compression
+	$(BIN)/python -m benchmarks.vs_lightning      # the peers: pip install -e '.[bench]'
+	$(BIN)/python -m benchmarks.vs_onnxruntime
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist *.egg-info

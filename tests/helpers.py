@@ -192,3 +192,13 @@ loop.train_epoch = interrupted
 from dlrun.cli import main
 main()
 """
+
+
+def assert_comparison_png(path: Path) -> None:
+    """A real PNG of a sensible size: the before/after bar chart, a few panels wide."""
+    import struct
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 2_000_000, len(data)
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
+    assert width > 600 and 200 < height < width, (width, height)

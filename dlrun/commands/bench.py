@@ -4,8 +4,9 @@
     dlrun bench run=RUN_DIR formats=[eager,pte]
     dlrun bench export_missing=true    # first make the standard set: ptq-xnnpack .pte, fp32 .pte, fp32 .onnx
 
-Variants are found through lineage: every prune/quantize/export summary.json records its `train_run`; a variant
-whose lineage passes through a prune run is named `pruned ...` and shows the pruned model's params and FLOPs.
+Variants are found through lineage: every prune/quantize/export/distill summary.json records its `train_run`; a
+variant whose lineage passes through a prune run is named `pruned ...`, through a distill run (a student taught by
+this run) `distilled <model> ...`, and shows that model's params and FLOPs.
 A variant that fails is a row marked `failed: <reason>`; it never aborts the table.
 Sizes: `weights_mb` is the bytes of the variant's tensors, the like-for-like size of fp32 vs int8 (none for
 runtime artifacts, which PyTorch cannot look into); `file_mb` is the file it loads from (for the fp32 rows the
@@ -131,7 +132,7 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
     ]
     # Run directory -> the prune run its model comes from (None: the train run's model), along prune <- quantize
     # <- export lineages.
-    origins = {run_dir.resolve(): _Pruned.of(summary) for run_dir, summary in _descendants("prune", train_run)}
+    origins = {run_dir.resolve(): _Origin.of(summary) for run_dir, summary in _descendants("prune", train_run)}
     for run_dir, origin in list(origins.items()):
         # A prune checkpoint holds the train run's config (checked above) and the pruned widths.
         best = run_dir / "checkpoints" / "best.pt"
@@ -146,7 +147,17 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
                 facts=origin.facts,
             )
         )
-    for run_dir, summary in _descendants("quantize", train_run):
+    # Distilled students (their teacher's lineage leads here) are variants too, and roots of their own quantize/export
+    # runs, whose lineage starts at the distill run.
+    distilled = _descendants("distill", train_run)
+    for run_dir, summary in distilled:
+        origin = origins[run_dir.resolve()] = _Origin.distilled(summary)
+        # The student's stored config is checked (config.trust) when it is loaded: a refused one is a failed row.
+        load = lambda r=run_dir: sources.load_model(sources.from_run_dir(r))  # noqa: E731
+        best = run_dir / "checkpoints" / "best.pt"
+        variants.append(Variant(f"{origin.label} fp32 eager", "eager", best, run_dir.name, load, facts=origin.facts))
+    roots = [train_run, *(run_dir for run_dir, _ in distilled)]
+    for run_dir, summary in _descendants("quantize", *roots):
         origin = origins[run_dir.resolve()] = origins.get(_source_run(summary))
         quantized: contract.QuantizeRecord = summary.record
         program = run_dir / sources.QUANTIZED_PROGRAM
@@ -158,17 +169,17 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
         name = f"{quantized.mode} {quantized.backend} program {how}"
         variants.append(
             Variant(
-                _Pruned.prefix(origin) + name, "quantized", program, run_dir.name, load, facts=origin and origin.facts
+                _Origin.prefix(origin) + name, "quantized", program, run_dir.name, load, facts=origin and origin.facts
             )
         )
-    for run_dir, summary in _descendants("export", train_run):
+    for run_dir, summary in _descendants("export", *roots):
         origin = origins.get(_source_run(summary))
         exported: contract.ExportRecord = summary.record
         artifact = run_dir / Path(exported.artifact).name
         what = exported.source_kind + ("" if exported.verification.passed else " (failed its export verification)")
         variants.append(
             Variant(
-                f"{_Pruned.prefix(origin)}{what} .{exported.format} {exported.backend}",
+                f"{_Origin.prefix(origin)}{what} .{exported.format} {exported.backend}",
                 exported.format,
                 artifact,
                 run_dir.name,
@@ -181,14 +192,19 @@ def _variants(source: sources.Source, fp32, train_run: Path) -> list[Variant]:
 
 
 @dataclass(frozen=True)
-class _Pruned:
-    """The prune run a variant comes from: how to name it, and its model's params and FLOPs."""
+class _Origin:
+    """The prune or distill run a variant comes from: how to name it, and its model's params and FLOPs."""
 
     label: str
     facts: dict
 
     @classmethod
-    def of(cls, summary: contract.Summary) -> _Pruned:
+    def distilled(cls, summary: contract.Summary) -> _Origin:
+        student = summary.config["model"]["_target_"].rsplit(".", 1)[-1].lower()
+        return cls(f"distilled {student}", {k: summary.extra.get(k) for k in ("params", "flops")})
+
+    @classmethod
+    def of(cls, summary: contract.Summary) -> _Origin:
         record: contract.PruneRecord = summary.record
         if record.method == "unstructured":
             label = f"sparse {record.ratio:.0%}"  # zeros only: the same size as the train model
@@ -199,7 +215,7 @@ class _Pruned:
         return cls(label, {k: summary.extra.get(k) for k in ("params", "flops")})
 
     @staticmethod
-    def prefix(origin: _Pruned | None) -> str:
+    def prefix(origin: _Origin | None) -> str:
         return f"{origin.label} " if origin else ""
 
 
@@ -257,9 +273,11 @@ def _add_speedups(rows: list[dict]) -> None:
         row["speedup"] = baseline / row["latency_ms_p50"] if baseline and row.get("latency_ms_p50") else None
 
 
-def _descendants(command: str, train_run: Path) -> list[tuple[Path, contract.Summary]]:
-    """(run dir, summary) of every completed `command` run whose lineage leads to `train_run`, oldest first.
-    A run whose summary.json cannot be read is skipped with a warning: it cannot say whose variant it is."""
+def _descendants(command: str, *roots: Path) -> list[tuple[Path, contract.Summary]]:
+    """(run dir, summary) of every completed `command` run whose lineage's train_run is one of `roots` (the train
+    run, or a distill run for its student's variants), oldest first. A run whose summary.json cannot be read is
+    skipped with a warning: it cannot say whose variant it is."""
+    wanted = {root.resolve() for root in roots}
     found = []
     for run_dir in rundir.completed_runs(command):
         try:
@@ -268,7 +286,7 @@ def _descendants(command: str, train_run: Path) -> list[tuple[Path, contract.Sum
             log.warning(f"warning: skipped {rundir.relative(run_dir)}: {exc}")
             continue
         lineage = summary.lineage
-        if lineage and lineage.train_run and Path(lineage.train_run).resolve() == train_run.resolve():
+        if lineage and lineage.train_run and Path(lineage.train_run).resolve() in wanted:
             found.append((run_dir, summary))
     return found
 

@@ -2,7 +2,7 @@
 
     dlrun distill teacher=outputs/train/<run> model=lenet model.channels=[8,16] model.hidden=32 baseline=true
     dlrun distill teacher_ckpt=teacher.pt model=mlp distiller.temperature=2 distiller.alpha=0.5
-    dlrun distill teacher=outputs/train/<run> init_from=outputs/prune/<run>   # unstructured; structured: not yet
+    dlrun distill teacher=outputs/train/<run> init_from=outputs/prune/<run>   # recover a pruned model's accuracy
     dlrun distill resume=outputs/distill/<run>
 
 The run directory is a train run's (checkpoints/best.pt and last.pt, metrics.csv, summary.json with the student's
@@ -27,12 +27,14 @@ from torch import nn
 from dlrun import data as datasets
 from dlrun import models
 from dlrun.compression import distillation
-from dlrun.core import contract, profiling, rundir, sources, ui
+from dlrun.core import checkpoint as ckpt
+from dlrun.core import contract, profiling, reports, rundir, sources, ui
 from dlrun.core.errors import UsageError
 from dlrun.data import Data
-from dlrun.training import env, evaluate, session
+from dlrun.training import callbacks, env, evaluate, loop, session
 
 log = logging.getLogger("dlrun")
+COMPARISON_PLOT = "comparison.png"  # bars: teacher vs student (vs the baseline student)
 BASELINE = "baseline"  # the run's sub-folder for the student trained without the teacher
 
 
@@ -68,7 +70,7 @@ def _distill(cfg: DictConfig, teacher_source: sources.Source, run_dir: Path, sta
     env.seed_everything(t.seed, t.deterministic)
     cfg.dataset = teacher_source.config["dataset"]  # the student's ${dataset.*} sizes now resolve to the teacher's
     data = datasets.build(cfg.dataset, device)
-    student, student_task = _student(cfg, data, device)
+    student, student_task, widths = _student(cfg, data, device)
     # The student is built before the teacher, so its initial weights are those `dlrun train` would give it.
     baseline_student = copy.deepcopy(student) if cfg.baseline else None
     teacher = sources.load_model(teacher_source, device)
@@ -90,7 +92,9 @@ def _distill(cfg: DictConfig, teacher_source: sources.Source, run_dir: Path, sta
     kd = distillation.distillation_loss(
         teacher, session.task_loss(data.task, t), task=data.task, temperature=d.temperature, alpha=d.alpha
     )
-    fitted, baseline, baseline_checkpoint = _fit(cfg, student, baseline_student, data, kd, run_dir, config, device)
+    fitted, baseline, baseline_checkpoint = _fit(
+        cfg, student, baseline_student, data, kd, run_dir, config, device, widths
+    )
     metrics = {
         "val": fitted.val,
         "test": fitted.test,
@@ -102,6 +106,7 @@ def _distill(cfg: DictConfig, teacher_source: sources.Source, run_dir: Path, sta
     extra = {
         "params": params,
         "teacher_params": teacher_params,
+        "teacher_flops": profiling.count_flops(teacher, example),
         "flops": profiling.count_flops(student, example),
         "train_seconds": fitted.train_seconds,
         "device": str(device),
@@ -113,23 +118,52 @@ def _distill(cfg: DictConfig, teacher_source: sources.Source, run_dir: Path, sta
         {k: v for k, v in metrics.items() if k != "val"},
     )
     log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in comparison.items()))
+    plot = run_dir / COMPARISON_PLOT
+    columns = {
+        "teacher": {**metrics["teacher"], "params": teacher_params, "flops": extra["teacher_flops"]},
+        "student (KD)": {**metrics["test"], "params": params, "flops": extra["flops"]},
+    }
+    if baseline is not None:
+        columns["student (no KD)"] = {**metrics[BASELINE], "params": params, "flops": extra["flops"]}
+    title = f"distill: teacher vs student, test split (T={d.temperature}, alpha={d.alpha})"
+    shown = [comparison["metric"], "loss", "params", "flops"]
+    callbacks.guarded(plot, lambda: reports.comparison_plot(plot, columns, shown, title=title))
 
 
-def _fit(cfg, student, baseline_student, data, kd, run_dir, config, device):
+def _fit(cfg, student, baseline_student, data, kd, run_dir, config, device, widths):
     """The distilled student's fit and, with baseline=true, the same student's fit without the teacher."""
     t = cfg.trainer
     resume = bool(cfg.resume)
     # Both fits start from the same weights and RNG state (a resume restores its own): the baseline differs from the
     # distilled student only in the loss, so with alpha=0 the two are the same run.
     env.seed_everything(t.seed, t.deterministic)
+    stamp = [_StructureStamp(run_dir / "checkpoints", widths)] if widths else []
     fitted = session.fit(
-        student, data, cfg, run_dir, config, device=device, resume=resume, compute_loss=kd, label="distill"
+        student,
+        data,
+        cfg,
+        run_dir,
+        config,
+        device=device,
+        resume=resume,
+        compute_loss=kd,
+        label="distill",
+        extra_callbacks=stamp,
     )
     baseline, baseline_checkpoint = None, None
     if baseline_student is not None:
         env.seed_everything(t.seed, t.deterministic)
+        stamp = [_StructureStamp(run_dir / BASELINE / "checkpoints", widths)] if widths else []
         baseline = session.fit(
-            baseline_student, data, cfg, run_dir / BASELINE, config, device=device, resume=resume, label=BASELINE
+            baseline_student,
+            data,
+            cfg,
+            run_dir / BASELINE,
+            config,
+            device=device,
+            resume=resume,
+            label=BASELINE,
+            extra_callbacks=stamp,
         )
         baseline_checkpoint = rundir.relative(run_dir / BASELINE / "checkpoints" / "best.pt")
 
@@ -161,10 +195,11 @@ def _write_summary(cfg, config, run_dir, started, teacher_source, fitted, metric
     )
 
 
-def _student(cfg: DictConfig, data: Data, device: torch.device) -> tuple[nn.Module, str]:
-    """The student and the task it was built for: from the model group, or init_from's stored model and weights."""
+def _student(cfg: DictConfig, data: Data, device: torch.device) -> tuple[nn.Module, str, dict | None]:
+    """The student, the task it was built for and its pruned layer widths (None: as its config builds it): from the
+    model group, or init_from's stored model and weights."""
     if not cfg.init_from:
-        return models.build(cfg.model, data.input_shape).to(device), data.task
+        return models.build(cfg.model, data.input_shape).to(device), data.task, None
     refused = _typed_overrides("model")
     if refused:
         raise UsageError(f"init_from={cfg.init_from} sets the student (the model stored there): drop {refused[0]}")
@@ -172,17 +207,34 @@ def _student(cfg: DictConfig, data: Data, device: torch.device) -> tuple[nn.Modu
     if init.kind != "checkpoint":
         raise UsageError(f"init_from needs a run with checkpoints/best.pt, {init.label} is a {init.kind}")
     cfg.model = init.config["model"]
-    student = models.build(cfg.model, data.input_shape).to(device)
-    # The distilled checkpoints hold the model config only, from which eval/quantize/export rebuild the student:
-    # weights that need another architecture (pruned channel widths) could not be loaded back.
-    try:
-        student.load_state_dict(sources.load_model(init, device).state_dict())
-    except RuntimeError:
-        raise UsageError(
-            f"init_from={cfg.init_from} is structurally pruned (narrower than its model config): distill cannot yet "
-            "save a student that eval/quantize/export rebuild at pruned widths; distill into a smaller model= instead"
-        ) from None
-    return student, init.config["dataset"]["task"]
+    # A structurally pruned run's model is narrower than its config builds it: load_model narrows it to the stored
+    # widths, and the distill checkpoints carry them too (_StructureStamp) so later commands rebuild the same.
+    student = sources.load_model(init, device).train()
+    widths = ckpt.load(init.path).get(ckpt.STRUCTURE)
+    return student, init.config["dataset"]["task"], widths
+
+
+class _StructureStamp(loop.Callback):
+    """A pruned student's checkpoints carry its layer widths (checkpoint.STRUCTURE), as a prune run's do, so that
+    eval/quantize/export/resume rebuild the narrow student from the config. Runs after session.fit's Checkpointer."""
+
+    rank_zero_only = True
+
+    def __init__(self, folder: Path, widths: dict):
+        self.folder, self.widths = folder, widths
+
+    def on_fit_start(self, fit: loop.Loop) -> None:
+        self._stamp(callbacks.LAST)
+
+    def on_epoch_end(self, fit: loop.Loop, result) -> None:
+        if result.improved:
+            self._stamp(callbacks.BEST)
+        self._stamp(callbacks.LAST)
+
+    def _stamp(self, name: str) -> None:
+        path = self.folder / name
+        if path.is_file():
+            ckpt.save(path, {**ckpt.load(path), ckpt.STRUCTURE: self.widths})
 
 
 def _outputs(model: nn.Module, example: torch.Tensor) -> int:

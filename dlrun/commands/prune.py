@@ -4,6 +4,7 @@
     dlrun prune importance=taylor scope=uniform
     dlrun prune flops_ratio=0.6                         # remove 60% of the FLOPs (the channel ratio is searched)
     dlrun prune method=unstructured ratio=0.8           # zeroes weights only: no smaller, no faster
+    dlrun prune resume=outputs/prune/<run>              # after Ctrl-C: continue after the last completed round
 
 Each round removes an equal share of the target, then fine-tunes with the source run's optimizer and schedule
 (through the training Loop) and keeps the round's best epoch on validation. The run leaves what a train run leaves
@@ -14,35 +15,48 @@ run; metrics.csv has one row per round, round 0 being the model before pruning.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dlrun.compression import pruning
 from dlrun.core import checkpoint as ckpt
-from dlrun.core import contract, files, profiling, provenance, rundir, sources, ui
+from dlrun.core import contract, files, profiling, provenance, reports, rundir, sources, ui
 from dlrun.core.errors import DlrunError, UsageError
-from dlrun.training import callbacks, env, evaluate, loop, schedulers
+from dlrun.training import callbacks, env, evaluate, loop, schedulers, session
 
 log = logging.getLogger("dlrun")
-INTERRUPTED = 130  # the shell's code for Ctrl-C
+COMPARISON_PLOT = "comparison.png"  # before/after bars: the source vs the pruned model
+ROUND = "round.pt"  # checkpoints/: the model after the last completed round, what resume=RUN_DIR continues from
+ROUND_KEY, SOURCE = "round", "source"  # in round.pt: that round's number, the source checkpoint's path
 
 
 def run(cfg: DictConfig) -> None:
+    run_dir = rundir.current()
+    # Ctrl-C stops with one line saying how to resume (session.guarded); resume=RUN_DIR continues after the last
+    # completed round, from checkpoints/round.pt.
     try:
-        _prune(cfg)
-    except KeyboardInterrupt:  # one line, like train; a prune run has no resume: it is short and starts over
-        raise DlrunError(
-            "interrupted; this prune run is incomplete (no summary.json): run the command again", INTERRUPTED
-        ) from None
+        with session.guarded(run_dir, "prune"):
+            _prune(cfg, run_dir)
+    except DlrunError as exc:
+        if exc.exit_code == session.INTERRUPTED and not (run_dir / "checkpoints" / ROUND).is_file():
+            raise DlrunError(
+                "interrupted before round 1 finished; nothing to resume (run the command again)", exc.exit_code
+            ) from None
+        raise
 
 
-def _prune(cfg: DictConfig) -> None:
+def _prune(cfg: DictConfig, run_dir: Path) -> None:
     started = time.perf_counter()
     _check_settings(cfg)  # before loading anything
-    source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train",), trusted=cfg.trust_targets)
+    resumed = _last_round(run_dir) if cfg.resume else None
+    # A resumed run prunes the model it started from, even if run= was left to "the latest train run".
+    origin = dict(ckpt=resumed[SOURCE]) if resumed else dict(run=cfg.run, ckpt=cfg.ckpt)
+    source = sources.resolve(**origin, default=("train",), trusted=cfg.trust_targets)
     if source.kind != "checkpoint":
         raise UsageError(f"prune needs a train or prune run or checkpoint, got a {source.kind} ({source.label})")
     device = env.resolve_device(cfg.device)
@@ -58,9 +72,8 @@ def _prune(cfg: DictConfig) -> None:
         f"each; never pruned: {', '.join(ignore)}"
     )
 
-    run_dir = rundir.current()
     before = _facts(model, example, cfg.latency_repeats)
-    model, rounds = _prune_in_rounds(cfg, model, data, example, ignore, source, before["flops"], run_dir)
+    model, rounds = _prune_in_rounds(cfg, model, data, example, ignore, source, before["flops"], run_dir, resumed)
     after = _facts(model, example, cfg.latency_repeats)
     val, unpruned = _split(rounds[-1], "val"), _split(rounds[0], "test")
     test = evaluate.evaluate(model.eval(), data.test, data, confusion=True)
@@ -74,6 +87,12 @@ def _prune(cfg: DictConfig) -> None:
         "prune: before / after",
         {"before": {**before, **_prefixed("test", unpruned)}, "after": {**after, **_prefixed("test", test)}},
     )
+    plot = run_dir / COMPARISON_PLOT
+    headline = "accuracy" if data.task == "classification" else "r2"
+    columns = {"source": {**before, **unpruned}, "pruned": {**after, **test}}
+    shown = [headline, "params", "flops", "weights_bytes", "latency_ms_p50"]
+    title = f"prune ({_target(cfg)}) vs its source, test split"
+    callbacks.guarded(plot, lambda: reports.comparison_plot(plot, columns, shown, title=title))
     if not structured:
         log.info(
             f"unstructured pruning: {after['zeros_fraction']:.1%} of the parameters are now zero, but the dense "
@@ -82,16 +101,21 @@ def _prune(cfg: DictConfig) -> None:
         )
 
 
-def _prune_in_rounds(cfg, model, data, example, ignore, source, flops_before: int, run_dir):
-    """`steps` rounds of prune -> fine-tune (keeping the round's best epoch) -> measure; (model, one row per round)."""
+def _prune_in_rounds(cfg, model, data, example, ignore, source, flops_before: int, run_dir, resumed: dict | None):
+    """`steps` rounds of prune -> fine-tune (keeping the round's best epoch) -> measure; (model, one row per round).
+    After each round its model is saved (round.pt), from which resume=RUN_DIR continues with the next round."""
     device = next(model.parameters()).device
     train_cfg = OmegaConf.create(source.config)
     batch_size = train_cfg.trainer.batch_size  # fine-tuning and Taylor scores use the source run's batches
     structured = cfg.pruner.method == "structured"
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
-    rounds = [_round_row(0, model, data, example)]
-    for step in range(1, cfg.steps + 1):
+    if resumed:
+        model, rounds = _restore_round(resumed, model, run_dir)
+        log.info(f"resuming {rundir.relative(run_dir)} after round {resumed[ROUND_KEY]} of {cfg.steps}")
+    else:
+        rounds = [_round_row(0, model, data, example)]
+    for step in range(len(rounds), cfg.steps + 1):
         if structured:
             score = _taylor_score(data, batch_size, cfg.pruner.grad_batches)
             model = _prune_structured(cfg, model, example, ignore, step, flops_before, score)
@@ -104,11 +128,34 @@ def _prune_in_rounds(cfg, model, data, example, ignore, source, flops_before: in
             model.load_state_dict(ckpt.load(checkpoints / callbacks.BEST, device)[ckpt.MODEL])
         rounds.append(_round_row(step, model, data, example))
         files.write_rows(run_dir, "metrics", rounds)
-    if not cfg.finetune_epochs:  # no Loop wrote checkpoints: the pruned model is both best and last
-        for name in (callbacks.BEST, callbacks.LAST):
-            ckpt.save(checkpoints / name, {**_plain_checkpoint(source.config), **_pruned_weights(model)})
-
+        if not cfg.finetune_epochs:  # no Loop wrote checkpoints: the pruned model is both best and last
+            for name in (callbacks.BEST, callbacks.LAST):
+                ckpt.save(checkpoints / name, {**_plain_checkpoint(source.config), **_pruned_weights(model)})
+        _save_round(checkpoints, step, model, source)
     return model, rounds
+
+
+def _save_round(checkpoints: Path, step: int, model: nn.Module, source: sources.Source) -> None:
+    """round.pt: the model after round `step`, the RNG state and the source checkpoint."""
+    saved = {**_plain_checkpoint(source.config), **_pruned_weights(model), ROUND_KEY: step, ckpt.RNG: env.rng_state()}
+    ckpt.save(checkpoints / ROUND, {**saved, SOURCE: str(source.path.resolve())})
+
+
+def _last_round(run_dir: Path) -> dict:
+    path = run_dir / "checkpoints" / ROUND
+    if not path.is_file():
+        raise UsageError(f"cannot resume {rundir.relative(run_dir)}: no checkpoints/{ROUND} (is it a prune run?)")
+    return ckpt.load(path)
+
+
+def _restore_round(saved: dict, model: nn.Module, run_dir: Path) -> tuple[nn.Module, list[dict]]:
+    """The model and metric rows after the saved round, and the RNG state then: the next round runs as it would
+    have without the interruption."""
+    pruning.resize(model, saved[ckpt.STRUCTURE], saved[ckpt.MODEL])
+    ckpt.load_weights(model, saved[ckpt.MODEL], ROUND)
+    env.set_rng_state(saved[ckpt.RNG])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()  # written before round.pt, so it has the round
+    return model, [row for row in map(json.loads, lines) if row["round"] <= saved[ROUND_KEY]]
 
 
 def _write_summary(cfg, run_dir, started, source, device, before, after, unpruned, val, test, comparison, ignore):
@@ -261,6 +308,12 @@ class _PrunedCheckpointer(callbacks.Checkpointer):
 
     def _snapshot(self, fit: loop.Loop) -> dict:
         return {**super()._snapshot(fit), **_pruned_weights(fit.model)}
+
+    def on_epoch_end(self, fit: loop.Loop, result) -> None:
+        super().on_epoch_end(fit, result)
+        if result.improved:  # Checkpointer writes best.pt's weights from the evaluated module, masks and all
+            best = self.folder / callbacks.BEST
+            ckpt.save(best, {**ckpt.load(best), **_pruned_weights(fit.evaluated)})
 
 
 def _pruned_weights(model: nn.Module) -> dict:

@@ -4,15 +4,20 @@
     dlrun quantize mode=dynamic backend=x86_inductor # PT2E dynamic activations
     dlrun quantize mode=qat backend=xnnpack          # PT2E quantization-aware fine-tuning
     dlrun quantize mode=weight_only quantizer.dtype=int4
+    dlrun quantize mode=ptq max_drop=0.5             # keep the fewest most-sensitive layers float within 0.5 pt
+    dlrun quantize mode=ptq report=sensitivity       # the per-layer table (SQNR, accuracy) without a budget
 
 The quantized program is saved with torch.export.save as model.pt2 (dynamic batch), which
 `dlrun eval run=...`, `dlrun export` and `dlrun bench` load. fp32 and int8 are compared on the same
-test split: metric, top-1 agreement, max abs output difference, size, latency and throughput.
+test split: metric, top-1 agreement, max abs output difference, size, latency and throughput (comparison.png).
+Under max_drop the program is the mixed one (float layers are left unannotated, so they stay float through
+export); a budget that even max_float_layers float layers cannot meet exits 1 and saves no program.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import logging
 import tempfile
@@ -22,14 +27,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun.compression import quantization
+from dlrun.compression import quantization, sensitivity
 from dlrun.config import capabilities
-from dlrun.core import contract, profiling, rundir, sources, ui
+from dlrun.core import contract, profiling, reports, rundir, sources, ui
 from dlrun.core.errors import UsageError
 from dlrun.deploy.program import export_program, load_program, save_program
 from dlrun.training import callbacks, env, evaluate, loop, schedulers
 
 log = logging.getLogger("dlrun")
+COMPARISON_PLOT = "comparison.png"  # before/after bars: fp32 vs the quantized program
 
 
 def run(cfg: DictConfig) -> None:
@@ -39,6 +45,7 @@ def run(cfg: DictConfig) -> None:
     if q.mode == "ptq" and q.calib_batches < 1:  # before loading anything
         raise UsageError("quantizer.calib_batches must be >= 1 for ptq (calibration sets the activation ranges)")
     source = sources.resolve(run=cfg.run, ckpt=cfg.ckpt, default=("train",), trusted=cfg.trust_targets)
+    capabilities.check_model_supported(source.config["model"], f"quantize/{q.backend}")
     if source.kind != "checkpoint":
         raise UsageError(f"quantize needs a train run or checkpoint, got a {source.kind} ({source.label})")
     run_dir = rundir.current()
@@ -52,26 +59,23 @@ def run(cfg: DictConfig) -> None:
         f"({len(data.train)} train / {len(data.test)} test samples)"
     )
 
+    exclude = list(q.exclude)
+    # qat calibrates only for the accuracy-aware search, which measures layers with PTQ
+    calibrated = q.mode == "ptq" or (q.mode == "qat" and _accuracy_aware_on(cfg))
+    calibration = list(_calibration(data, q)) if calibrated else []
+    tuned = _accuracy_aware(cfg, fp32, data, example, calibration) if _accuracy_aware_on(cfg) else None
+    float_layers = tuned.float_layers if tuned else []
     qat_rows: list[dict] = []
-    if q.mode == "ptq":
-        quantized = quantization.quantize_ptq(
-            fp32,
-            example,
-            _calibration(data, q),
-            backend=q.backend,
-            per_channel=q.per_channel,
-            exclude=list(q.exclude),
-        )
-    elif q.mode == "dynamic":
-        quantized = quantization.quantize_dynamic(
-            fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)
-        )
-    elif q.mode == "qat":
-        quantized, qat_rows = _quantization_aware_training(cfg, source, fp32, data, example)
+    if q.mode == "qat":  # the float layers come from a PTQ search; QAT then trains with them excluded
+        quantized, qat_rows = _quantization_aware_training(cfg, source, fp32, data, example, [*exclude, *float_layers])
+    elif tuned and tuned.search:
+        quantized = tuned.search.quantized  # the search's last candidate: the one that met the budget
     else:
-        quantized = quantization.quantize_weight_only(
-            fp32, dtype=q.dtype, group_size=q.group_size, exclude=list(q.exclude)
-        )
+        quantized = _post_training(q, fp32, example, calibration, exclude)
+    val_drop = tuned.validation.loss(quantized) if tuned else None
+    if cfg.max_drop is not None and val_drop > cfg.max_drop:  # before anything is saved: no artifact of a failure
+        found = sensitivity.Search(float_layers, val_drop, False, quantized)
+        raise sensitivity.budget_error(found, cfg.max_drop, len(tuned.layers), tuned.max_float, data.task)
 
     program = run_dir / sources.QUANTIZED_PROGRAM
     save_program(quantized, example, program)
@@ -92,6 +96,10 @@ def run(cfg: DictConfig) -> None:
                 dtype=q.get("dtype"),
                 program=rundir.relative(program),
                 size_bytes=program.stat().st_size,
+                max_drop=cfg.max_drop,
+                val_drop=val_drop,
+                float_layers=float_layers,
+                sensitivity=[dataclasses.asdict(row) for row in tuned.rows] if tuned else [],
             ),
             extra={"comparison": report["comparison"], "qat_epochs": qat_rows},
         ),
@@ -99,8 +107,23 @@ def run(cfg: DictConfig) -> None:
     ui.metrics_table(
         f"{q.mode} ({q.backend}) vs fp32 on the test split", {"fp32": report["fp32"], "int8": report["quantized"]}
     )
+    plot = run_dir / COMPARISON_PLOT
+    columns = {"fp32": report["fp32"], q.mode: report["quantized"]}
+    shown = [
+        _headline(data.task),
+        "weights_bytes",
+        "program_bytes",
+        "latency_ms_p50",
+        f"throughput_b{cfg.throughput_batch}",
+    ]
+    title = f"quantize {q.mode} ({q.backend}) vs fp32, test split"
+    callbacks.guarded(plot, lambda: reports.comparison_plot(plot, columns, shown, title=title))
     comparison = report["comparison"]
     log.info("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in comparison.items()))
+
+
+def _headline(task: str) -> str:
+    return "accuracy" if task == "classification" else "r2"
 
 
 def _check_exclude(model: torch.nn.Module, names: list[str]) -> None:
@@ -122,7 +145,80 @@ def _calibration(data, q):
         yield x
 
 
-def _quantization_aware_training(cfg, source, fp32, data, example):
+def _post_training(q, fp32, example, calibration: list, exclude: list[str]):
+    """The PT2E post-training modes and weight-only, with the `exclude` layers left float."""
+    if q.mode in ("ptq", "qat"):  # qat: its accuracy-aware search measures layers with PTQ (see _accuracy_aware)
+        return quantization.quantize_ptq(
+            fp32, example, calibration, backend=q.backend, per_channel=q.per_channel, exclude=exclude
+        )
+    if q.mode == "dynamic":
+        return quantization.quantize_dynamic(
+            fp32, example, backend=q.backend, per_channel=q.per_channel, exclude=exclude
+        )
+    return quantization.quantize_weight_only(fp32, dtype=q.dtype, group_size=q.group_size, exclude=exclude)
+
+
+def _accuracy_aware_on(cfg) -> bool:
+    return cfg.max_drop is not None or cfg.report == "sensitivity"
+
+
+@dataclasses.dataclass
+class _Tuned:
+    layers: list[str]  # the candidates: every layer the mode quantizes, outside quantizer.exclude
+    rows: list[sensitivity.LayerSensitivity]
+    validation: sensitivity.Validation
+    max_float: int
+    search: sensitivity.Search | None  # None without max_drop (report=sensitivity alone)
+
+    @property
+    def float_layers(self) -> list[str]:
+        return self.search.float_layers if self.search else []
+
+
+def _accuracy_aware(cfg, fp32, data, example, calibration: list) -> _Tuned:
+    """The per-layer sensitivity table and, under max_drop, the fewest layers to keep float (searched with the
+    mode itself; for qat with PTQ on the same backend, since a QAT fine-tune per candidate would cost epochs each)."""
+    q = cfg.quantizer
+    exclude = list(q.exclude)
+    layers = sensitivity.candidate_layers(fp32, linear_only=q.mode == "weight_only", skip=exclude)
+    if not layers:
+        raise UsageError(f"max_drop/report: {q.mode} has no layer left to quantize outside quantizer.exclude")
+    max_float = len(layers) - 1 if cfg.max_float_layers is None else min(cfg.max_float_layers, len(layers))
+
+    def quantize(float_layers):
+        return _post_training(q, fp32, example, calibration, [*exclude, *float_layers])
+
+    validation = sensitivity.Validation.of(fp32, data)
+    log.info(f"per-layer sensitivity of {len(layers)} layers on the val split ({2 * len(layers)} quantizations)")
+    rows = sensitivity.analyse(fp32, layers, quantize, validation)
+    search = None
+    if cfg.max_drop is not None:
+        search = sensitivity.search(sensitivity.ranked(rows), quantize, validation, cfg.max_drop, max_float)
+    chosen = set(search.float_layers) if search else set()
+    ui.rows_table(
+        f"per-layer sensitivity ({q.mode}, {q.backend}; quality lost in {sensitivity.unit(data.task)}, val split)",
+        [
+            {
+                "layer": r.layer,
+                "params": r.params,
+                "sqnr_db (only it int8)": r.sqnr_db,
+                "lost (only it int8)": r.only_quantized,
+                "lost (only it float)": r.only_float,
+                "kept float": "yes" if r.layer in chosen else "",
+            }
+            for r in rows
+        ],
+    )
+    if search:
+        log.info(
+            f"max_drop={cfg.max_drop:g}: {len(search.float_layers)} of {len(layers)} layers kept float "
+            f"({', '.join(search.float_layers) or 'none'}); {search.loss:.2f} {sensitivity.unit(data.task)} lost on val"
+            + ("" if search.met else " (over budget)")
+        )
+    return _Tuned(layers, rows, validation, max_float, search)
+
+
+def _quantization_aware_training(cfg, source, fp32, data, example, exclude: list[str]):
     """Fine-tune with fake quantization, freezing ranges and BN statistics after the configured epochs."""
     q = cfg.quantizer
     train_cfg = OmegaConf.create(source.config)
@@ -132,7 +228,7 @@ def _quantization_aware_training(cfg, source, fp32, data, example):
     seed = train_cfg.trainer.seed
     env.seed_everything(seed, False)
     prepared = quantization.prepare_qat(  # on a copy: the exported graph shares fp32's parameters
-        copy.deepcopy(fp32), example, backend=q.backend, per_channel=q.per_channel, exclude=list(q.exclude)
+        copy.deepcopy(fp32), example, backend=q.backend, per_channel=q.per_channel, exclude=exclude
     )
     optimizer, scheduler = schedulers.build_optimization(
         opt_cfg,

@@ -6,7 +6,8 @@ summary.json, the machine-readable result of every run, is one flat JSON object:
     <record>       the command's own keys, flat at top level (see the *Record classes below):
                    train     checkpoint, best_epoch, epochs_run
                    eval      kind, evaluated, weights_bytes, file_bytes
-                   quantize  mode, backend, dtype, program, size_bytes
+                   quantize  mode, backend, dtype, program, size_bytes, max_drop, val_drop, float_layers,
+                             sensitivity [{layer, params, sqnr_db, only_quantized, only_float}]
                    export    format, backend, source_kind, artifact, size_bytes, max_batch, dynamic_batch,
                              verification {passed, samples, max_abs_diff, relative_diff, top1_agreement,
                              accuracy, batch_sizes, reason}
@@ -40,6 +41,10 @@ loaded with weights_only=True, keyed by the constants in dlrun.core.checkpoint:
                    attributes (plain ints) of every layer. CONFIG builds the unpruned architecture; load_model
                    narrows it to STRUCTURE and to MODEL's tensor shapes (compression.pruning.resize), then loads
                    MODEL: a pruned model reloads with weights_only=True and no pickled code
+    EMA            last.pt of trainer.ema runs: the moving average's state_dict, restored exactly on resume
+                   (best.pt's MODEL holds the averaged weights, last.pt's the live ones)
+    ADAPTER        last.pt of adapter=lora runs: the PEFT model's state_dict, for a resume (MODEL holds the
+                   adapters merged into plain weights, in best.pt and last.pt alike)
 """
 
 from __future__ import annotations
@@ -113,6 +118,13 @@ class QuantizeRecord:
     dtype: str | None  # weight-only dtype; None for the PT2E modes (int8)
     program: str  # model.pt2, loadable with program.load_program
     size_bytes: int  # of the program file
+    # Accuracy-aware quantization (max_drop= / report=sensitivity; compression.sensitivity). Quality lost is in
+    # accuracy points (classification) or percent of the fp32 MSE (regression), on the val split.
+    max_drop: float | None = None  # the budget; None when none was set
+    val_drop: float | None = None  # quality the saved program loses on val (None: not measured)
+    float_layers: list[str] = field(default_factory=list)  # layers kept float to meet max_drop
+    # one row per layer: {layer, params, sqnr_db, only_quantized, only_float} (only_*: quality lost)
+    sensitivity: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -151,7 +163,18 @@ class BenchRecord:
     threads: int
 
 
-Record = TrainRecord | EvalRecord | QuantizeRecord | ExportRecord | BenchRecord | DistillRecord | PruneRecord
+@dataclass(frozen=True)
+class ProfileRecord:
+    profiled: str  # the .pte
+    batch: int
+    iterations: int  # measured runs (after warm-up)
+    threads: int  # the runtime's threadpool size
+    operators: list[dict]  # one per operator, slowest first (dlrun.deploy.profile.OperatorRow)
+
+
+Record = (
+    TrainRecord | EvalRecord | QuantizeRecord | ExportRecord | BenchRecord | DistillRecord | PruneRecord | ProfileRecord
+)
 _COMMON_KEYS = ("command", "metrics", "wall_s", "versions", "git_commit", "config")  # in every summary
 RECORDS: dict[str, type] = {
     "train": TrainRecord,
@@ -161,6 +184,7 @@ RECORDS: dict[str, type] = {
     "bench": BenchRecord,
     "distill": DistillRecord,
     "prune": PruneRecord,
+    "profile": ProfileRecord,
 }
 
 

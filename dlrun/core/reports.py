@@ -1,6 +1,6 @@
 """Tables of result rows as files: CSV for spreadsheets, JSON for programs, Markdown for people, and PNG plots:
-a trade-off scatter (e.g. accuracy vs latency), a run's training curves, a confusion matrix. All written atomically
-through dlrun.core.files; matplotlib (Agg, no display) is imported only when a plot is drawn."""
+a trade-off scatter (e.g. accuracy vs latency), a run's training curves, a confusion matrix, before/after bars. All
+written atomically through dlrun.core.files; matplotlib (Agg, no display) is imported only when a plot is drawn."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def tradeoff_plot(
     path: Path, points: list[tuple[str, float, float]], *, xlabel: str, ylabel: str, title: str, log_x: bool = False
 ) -> None:
     """One marker per (label, x, y) point, named in a legend: annotations beside points pile up on ties."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, x, y), marker, color in zip(points, cycle(_MARKERS), cycle(colors)):
@@ -48,13 +48,13 @@ def tradeoff_plot(
     ax.grid(True, alpha=0.3)
     if points:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    _save(fig, path)  # "tight": keeps the legend right of the axes
+    save_figure(fig, path)  # "tight": keeps the legend right of the axes
 
 
 def curves_plot(path: Path, rows: list[dict], *, title: str = "training curves") -> None:
     """Loss (train and val), the val metrics and the learning rate by epoch, from metric rows as Loop.fit records
     them (epoch, train_loss, val_<metric>..., lr): one figure, one subplot each. Non-finite values are gaps."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [row["epoch"] for row in rows]
     # The headline metrics of evaluate.evaluate, in its order; val_loss shares the loss panel.
     metrics = [m for m in ("accuracy", "top5", "r2", "mse", "mae") if any(f"val_{m}" in row for row in rows)]
@@ -76,7 +76,7 @@ def curves_plot(path: Path, rows: list[dict], *, title: str = "training curves")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def confusion_matrix_plot(
@@ -84,11 +84,11 @@ def confusion_matrix_plot(
 ) -> None:
     """Counts of (true class, predicted class), true classes down, predictions across, class names on both axes;
     the diagonal holds the correct predictions. Counts are printed in the cells up to 30 classes."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(matrix)
     names = [str(name) for name in class_names] if class_names and len(class_names) == n else [str(i) for i in range(n)]
     side = min(max(4.5, 0.45 * n + 2.5), 24)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig, ax = plt.subplots(figsize=(side + 1, side), layout="constrained")
     image = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(n), names, rotation=90 if max(map(len, names), default=0) > 3 else 0)
@@ -105,7 +105,37 @@ def confusion_matrix_plot(
                 if count:
                     color = "white" if count > peak / 2 else "black"
                     ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=color)
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def comparison_plot(path: Path, columns: dict[str, dict], metrics: list[str], *, title: str) -> None:
+    """Before/after bars: one panel per metric (accuracy, params, FLOPs, bytes, latency...), one bar per variant
+    (e.g. fp32 source vs int8 result), each labelled with its value; metrics no variant has are left out."""
+    shown = [m for m in metrics if any(_number(values.get(m)) for values in columns.values())]
+    if not shown:
+        raise ValueError("no metric to compare")
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown) + 1, 3.6), squeeze=False, layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(columns)
+    for ax, metric in zip(axes[0], shown, strict=True):
+        heights = [_values([columns[name]], metric)[0] for name in names]
+        bars = ax.bar(range(len(names)), [0 if math.isnan(h) else h for h in heights], color=colors[: len(names)])
+        for bar, height in zip(bars, heights, strict=True):
+            label = "n/a" if math.isnan(height) else ui.fmt(int(height) if height == int(height) else height)
+            ax.annotate(
+                label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+            )
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.margins(y=0.15)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _values(rows: list[dict], key: str) -> list[float]:
@@ -117,7 +147,8 @@ def _values(rows: list[dict], key: str) -> list[float]:
     return values
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported on first use: it costs ~0.3 s."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,13 +157,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    """The figure as a PNG, written atomically; the figure is closed either way."""
+def save_figure(fig, path: Path) -> None:
+    """The figure as a PNG, written atomically; the figure is closed either way. A figure with a layout engine
+    (constrained) is drawn once; `bbox_inches="tight"` would draw it a second time to measure it."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight" if fig.get_layout_engine() is None else None)
     finally:
         plt.close(fig)
     files.atomic_write_bytes(path, buffer.getvalue())

@@ -113,8 +113,9 @@ def _from_checkpoint(path: Path, run_dir: Path | None = None, trusted=()) -> Sou
     train_run = run_dir
     summary_path = run_dir / rundir.SUMMARY if run_dir else None
     if checkpoint.STRUCTURE in saved and summary_path and summary_path.is_file():
-        # A pruned model's lineage goes on to the train run it was pruned from: bench finds its variants there.
-        train_run = _train_run(contract.read_summary(summary_path, "prune").lineage, summary_path) or run_dir
+        # A pruned model's (prune run, or distill into a pruned student) lineage goes on to the train run at its
+        # root: bench finds its variants there.
+        train_run = _train_run(contract.read_summary(summary_path).lineage, summary_path) or run_dir
     return Source("checkpoint", path, config, run_dir, train_run)
 
 

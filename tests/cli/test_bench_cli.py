@@ -132,3 +132,54 @@ def test_export_missing_creates_the_standard_set_once(trained_run, cli):
     assert run_dirs(cli.cwd, "quantize") == quantized and run_dirs(cli.cwd, "export") == exported
     rows = json.loads((bench_run(cli.cwd) / "bench.json").read_text())
     assert [(r["variant"], r["status"]) for r in rows] == [("fp32 eager", "ok")]  # formats=[eager]: one row
+
+
+QUANTIZED = "ptq xnnpack program (eager reference)"
+
+
+def _new_run(project: Path, command: str, *args) -> Path:
+    before = set(run_dirs(project, command))
+    ok(run_dlrun([command, *args], project, env=ENV))
+    (added,) = set(run_dirs(project, command)) - before
+    return added
+
+
+def _compressed(project: Path) -> tuple[Path, Path, Path]:
+    """(train run, a prune run of it, a student it taught) in the project."""
+    train_run = next((project / "outputs" / "train").iterdir())
+    pruned = _new_run(project, "prune", f"run={train_run}", "steps=1", "finetune_epochs=0", "latency_repeats=5")
+    student = ("model=lenet", "model.channels=[4,8]", "model.hidden=16", "trainer.epochs=1", "trainer.device=cpu")
+    return train_run, pruned, _new_run(project, "distill", f"teacher={train_run}", *student)
+
+
+def _bench_rows(project: Path, train_run: Path) -> dict[str, dict]:
+    ok(run_dlrun(["bench", f"run={train_run}", "formats=[eager,quantized]", *CHEAP_BENCH], project, env=ENV))
+    return {row["variant"]: row for row in json.loads((bench_run(project) / "summary.json").read_text())["rows"]}
+
+
+def test_bench_lists_pruned_distilled_and_quantized_variants(project):
+    """The project holds the pipeline's ptq run; a prune run and a distilled student (taught by the train run) join
+    the table, each with its own params, measured on the same test split."""
+    train_run, pruned, distilled = _compressed(project)
+    rows = _bench_rows(project, train_run)
+    expected = {"fp32 eager", "pruned 50% fp32 eager", "distilled lenet fp32 eager", QUANTIZED}
+    assert expected <= set(rows), sorted(rows)
+    assert all(rows[name]["status"] == "ok" for name in expected), rows
+    student, fp32 = rows["distilled lenet fp32 eager"], rows["fp32 eager"]
+    assert student["params"] < rows["pruned 50% fp32 eager"]["params"] < fp32["params"]
+    distill_summary = json.loads((distilled / "summary.json").read_text())
+    assert student["metric"] == pytest.approx(distill_summary["metrics"]["test"]["accuracy"])
+    assert student["samples"] == fp32["samples"]
+
+
+@pytest.mark.slow
+def test_bench_lists_pruned_quantized_and_distilled_quantized_variants(project):
+    train_run, pruned, distilled = _compressed(project)
+    quantize = ("mode=ptq", "quantizer.calib_batches=2", "latency_repeats=5", "throughput_batch=8")
+    _new_run(project, "quantize", f"run={pruned}", *quantize)
+    _new_run(project, "quantize", f"run={distilled}", *quantize)
+    rows = _bench_rows(project, train_run)
+    expected = {f"pruned 50% {QUANTIZED}", f"distilled lenet {QUANTIZED}"}
+    assert expected <= set(rows) and all(rows[name]["status"] == "ok" for name in expected), sorted(rows)
+    assert rows[f"distilled lenet {QUANTIZED}"]["params"] == rows["distilled lenet fp32 eager"]["params"]
+    assert rows[f"pruned 50% {QUANTIZED}"]["params"] == rows["pruned 50% fp32 eager"]["params"]

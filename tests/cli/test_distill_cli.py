@@ -19,6 +19,7 @@ from helpers import (
     ONE_THREAD_ENV,
     PYTHON,
     Result,
+    assert_comparison_png,
     error_line,
     ok,
     read_jsonl,
@@ -171,14 +172,32 @@ def test_init_from_starts_the_student_from_a_runs_weights(teacher, trained_run, 
     assert summary["metrics"]["test"]["accuracy"] > 0.8
 
 
-@pytest.mark.slow
-def test_a_pruned_teacher_teaches_and_a_structurally_pruned_start_is_refused_in_one_line(teacher, tmp_path):
-    ok(dlrun(tmp_path, "prune", f"run={teacher}"))  # structured: narrower layers than its model config builds
+def test_a_structurally_pruned_run_teaches_and_is_distilled_into(teacher, tmp_path):
+    """teacher= and init_from= the same prune run: the student starts as the pruned model (its narrower widths and
+    weights), and the distill run's checkpoints carry those widths, so eval rebuilds the narrow student."""
+    ok(dlrun(tmp_path, "prune", f"run={teacher}", "steps=1", "finetune_epochs=0", "latency_repeats=5"))
     (pruned,) = run_dirs(tmp_path, "prune")
-    ok(dlrun(tmp_path, "distill", f"teacher={pruned}", *STUDENT, "trainer.epochs=1", "trainer.device=cpu"))
-    result = dlrun(tmp_path, "distill", f"teacher={teacher}", f"init_from={pruned}", "trainer.device=cpu")
-    error_line(result, 2, "is structurally pruned", "distill into a smaller model= instead")
-    assert len(run_dirs(tmp_path, "distill")) == 1  # the refused one left nothing
+    pruned_summary = json.loads((pruned / "summary.json").read_text())
+    widths = torch.load(pruned / "checkpoints" / "best.pt", weights_only=True)["structure"]
+    before = tree_hashes(pruned)
+    args = (f"teacher={pruned}", f"init_from={pruned}", "trainer.epochs=1", "trainer.device=cpu", "baseline=true")
+    ok(dlrun(tmp_path, "distill", *args))
+    (run,) = run_dirs(tmp_path, "distill")
+    assert tree_hashes(pruned) == before
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["params"] == pruned_summary["params"] < pruned_summary["before"]["params"]
+    assert summary["teacher_params"] == pruned_summary["params"]
+    for phase in ("", "baseline"):
+        for name in ("best.pt", "last.pt"):
+            saved = torch.load(run / phase / "checkpoints" / name, weights_only=True)
+            assert saved["structure"] == widths, (phase, name)
+    # One epoch from the pruned weights keeps the pruned model's accuracy, not a fresh student's.
+    assert summary["metrics"]["test"]["accuracy"] > pruned_summary["metrics"]["test"]["accuracy"] - 0.1
+    result = ok(dlrun(tmp_path, "eval", f"run={run}"))
+    (evaluated,) = run_dirs(tmp_path, "eval")
+    metrics = json.loads((evaluated / "summary.json").read_text())["metrics"]["test"]
+    assert metrics["accuracy"] == summary["metrics"]["test"]["accuracy"], result.stdout
+    assert_comparison_png(run / "comparison.png")
 
 
 # ---- Ctrl-C, resume, NaN --------------------------------------------------------------------------

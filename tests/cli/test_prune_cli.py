@@ -17,11 +17,13 @@ from helpers import (
     MICRO_TRAIN,
     ONE_THREAD_ENV,
     Pipeline,
+    assert_comparison_png,
     copy_train_run,
     error_line,
     ok,
     read_jsonl,
     run_dirs,
+    run_dlrun,
     subprocess_env,
     tree_hashes,
 )
@@ -54,7 +56,7 @@ def test_structured_prune_shrinks_the_model_and_leaves_a_train_like_run(pruned, 
     run, source_before, source_after = pruned
     assert source_before == source_after  # nothing written into the source run
     assert {"summary.json", "metrics.csv", "metrics.jsonl", "prune.log"} <= {p.name for p in run.iterdir()}
-    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt", "round.pt"}
 
     rounds = read_jsonl(run / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -81,6 +83,7 @@ def test_structured_prune_shrinks_the_model_and_leaves_a_train_like_run(pruned, 
     saved = torch.load(run / "checkpoints" / "best.pt", weights_only=True)  # plain tensors, ints and strings only
     assert saved[ckpt.STRUCTURE]["features.0.0"]["out_channels"] < 8
     assert saved[ckpt.CONFIG]["model"]["channels"] == [8, 16]  # the train config: the widths come from STRUCTURE
+    assert_comparison_png(run / "comparison.png")
 
 
 def test_eval_takes_the_pruned_run_like_a_train_run(pruned, project):
@@ -152,3 +155,54 @@ def test_a_model_without_prunable_layers_is_refused(cli):
     ok(cli("train", *MICRO_TRAIN, env=ENV))
     error_line(cli("prune", env=ENV), 2, "nothing to prune in Linear", "output layer ('1')")
     assert run_dirs(cli.cwd, "prune") == []
+
+
+# A real SIGINT as the 2nd fine-tuning epoch begins: with steps=2 finetune_epochs=1, round 1 is complete.
+INTERRUPT_IN_ROUND_2 = """
+import os, signal
+import dlrun.training.loop as loop
+calls, train_epoch = [], loop.train_epoch
+def interrupted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return train_epoch(*args, **kwargs)
+loop.train_epoch = interrupted
+from dlrun.cli import main
+main()
+"""
+
+
+def test_interrupted_prune_resumes_after_its_last_round_to_the_uninterrupted_result(pruned, trained_run, tmp_path):
+    import subprocess
+
+    from helpers import PYTHON, Result
+
+    reference, _, _ = pruned
+    source = copy_train_run(trained_run, tmp_path)
+    proc = subprocess.run(
+        [PYTHON, "-c", INTERRUPT_IN_ROUND_2, "prune", f"run={source}", *QUICK_PRUNE],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = error_line(Result(proc.returncode, proc.stdout, proc.stderr), 130, "interrupted", "dlrun prune resume=")
+    (run,) = run_dirs(tmp_path, "prune")
+    assert not (run / "summary.json").exists()
+    assert torch.load(run / "checkpoints" / "round.pt", weights_only=True)["round"] == 1
+
+    result = ok(run_dlrun(["prune", line.split("dlrun prune ", 1)[1].strip()], tmp_path, env=ENV))
+    assert "after round 1 of 2" in result.stdout and run_dirs(tmp_path, "prune") == [run]  # continued in place
+    assert "round 1 " not in result.stdout.split("after round 1", 1)[1]  # round 1 was not redone
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    mine = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    ref = torch.load(reference / "checkpoints" / "best.pt", weights_only=True)
+    assert mine[ckpt.STRUCTURE] == ref[ckpt.STRUCTURE]
+    assert all(torch.equal(mine[ckpt.MODEL][k], ref[ckpt.MODEL][k]) for k in ref[ckpt.MODEL])
+    strip = ("latency_ms_p50",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == [
+        {k: v for k, v in r.items() if k not in strip} for r in read_jsonl(reference / "metrics.jsonl")
+    ]

@@ -4,11 +4,18 @@
     dlrun export format=pte backend=portable
     dlrun export format=pt2
     dlrun export format=onnx                  # verified in onnxruntime
+    dlrun export format=pte bundle=true       # also model.bpte: the program with test inputs and expected outputs
 
 Every export is verified: the artifact is loaded in its runtime (executorch.runtime, onnxruntime,
 torch.export.load) in a child process, run on test samples at batch 1, a middle size and max_batch, and
 compared with the eager source model. Agreement below the threshold, or a runtime that crashes or fails,
 fails the command (exit 1); summary.json records the verdict and its reason either way.
+
+A .pte comes with etrecord.bin (the lowering's debug record that `dlrun profile` names operators with; off with
+export.etrecord=false). With
+bundle=true, a verified .pte is also written as model.bpte, an ExecuTorch BundledProgram holding `bundle_inputs`
+test samples (batch 1 each) and the eager source model's outputs for them, with the tolerance
+(export.max_relative_diff of the largest output) that `dlrun eval artifact=model.bpte` checks them with.
 """
 
 from __future__ import annotations
@@ -42,6 +49,12 @@ def run(cfg: DictConfig) -> None:
         raise UsageError(f"{source.label} is already an exported artifact; export from a train or quantize run")
     kind = source_kind(source)
     capabilities.check_export_supported(e.format, e.backend, kind)
+    batch = "dynamic_batch" if e.dynamic_batch else "fixed_batch"
+    capabilities.check_model_supported(source.config["model"], f"export/{e.format}/{batch}")
+    if cfg.bundle and e.format != "pte":
+        raise UsageError(f"bundle=true needs format=pte (a BundledProgram is ExecuTorch's), got format={e.format}")
+    if not isinstance(cfg.bundle_inputs, int) or isinstance(cfg.bundle_inputs, bool) or cfg.bundle_inputs < 1:
+        raise UsageError(f"bundle_inputs must be an integer >= 1, got {cfg.bundle_inputs!r}")
     run_dir = rundir.current()
     data = sources.load_data(source, torch.device("cpu"))
     module = sources.load_predictor(source)
@@ -56,7 +69,9 @@ def run(cfg: DictConfig) -> None:
         else:
             program = export_program(module, example, dynamic_batch=e.dynamic_batch, max_batch=e.max_batch)
             result = (
-                lower.to_pte(program, artifact, backend=e.backend)
+                lower.to_pte(
+                    program, artifact, backend=e.backend, etrecord=run_dir / "etrecord.bin" if e.etrecord else None
+                )
                 if e.format == "pte"
                 else lower.to_pt2(program, artifact)
             )
@@ -66,6 +81,7 @@ def run(cfg: DictConfig) -> None:
     x, y = _test_samples(data, e.verify_samples)
     batch_sizes = verification_batch_sizes(e.max_batch) if e.dynamic_batch else [1]
     parity, verification = _verify(artifact, module, x, y, batch_sizes, kind, e, data.task == "classification")
+    bundled = _bundle(artifact, module, x[: cfg.bundle_inputs], kind, e) if cfg.bundle and verification.passed else {}
     record = contract.ExportRecord(
         format=e.format,
         backend=e.backend,
@@ -90,7 +106,8 @@ def run(cfg: DictConfig) -> None:
                     "delegated_nodes": result.delegated_nodes,
                     "portable_nodes": result.portable_nodes,
                     **(result.delegation or {}),
-                }
+                },
+                **({"bundle": bundled} if bundled else {}),
             },
         ),
     )
@@ -101,6 +118,8 @@ def run(cfg: DictConfig) -> None:
         }
         if result.delegated_nodes is not None:
             shown.update(delegated_nodes=result.delegated_nodes, portable_nodes=result.portable_nodes)
+        if bundled:
+            shown.update(bundle_inputs=bundled["inputs"], bundle_atol=bundled["atol"])
         outcome = "verified" if verification.passed else "FAILED verification"
         ui.metrics_table(f"{artifact.name} {outcome} in its runtime vs the eager source", {"artifact": shown})
     if not verification.passed:
@@ -145,10 +164,32 @@ def _verify(artifact, module, x, y, batch_sizes: list[int], kind: str, e, classi
     return parity, contract.Verification(passed=passed, reason=reason, **parity.__dict__)
 
 
-def _verdict(parity, kind: str, e) -> tuple[bool, str]:
+def _bundle(artifact, module, inputs: torch.Tensor, kind: str, e) -> dict:
+    """Write model.bpte beside the .pte: each input at batch 1 with the eager source model's output for it, and
+    the tolerance the runtime checks them with (what summary.json's `bundle` records for `dlrun eval`)."""
+    from dlrun.deploy import bundle
+
+    cases = list(inputs.split(1))
+    with torch.no_grad():
+        expected = [module(x).float() for x in cases]
+    # As in the parity check: a difference relative to the largest output, so rtol is 0 and atol scales.
+    atol = _thresholds(kind, e)[1] * max(y.abs().max().item() for y in expected)
+    path = artifact.with_suffix(".bpte")
+    size = bundle.write_bundle(artifact, cases, expected, path)
+    log.info(f"bundled {len(cases)} test inputs and expected outputs -> {rundir.relative(path)}")
+    return {"file": rundir.relative(path), "size_bytes": size, "inputs": len(cases), "rtol": 0.0, "atol": atol}
+
+
+def _thresholds(kind: str, e) -> tuple[float, float]:
+    """(min top-1 agreement, max relative output difference) for this source kind, or the user's overrides."""
     precision = "fp32" if kind == "fp32" else "int8"
     min_agreement = e.min_agreement if e.min_agreement is not None else MIN_AGREEMENT[precision]
     max_relative = e.max_relative_diff if e.max_relative_diff is not None else MAX_RELATIVE_DIFF[precision]
+    return min_agreement, max_relative
+
+
+def _verdict(parity, kind: str, e) -> tuple[bool, str]:
+    min_agreement, max_relative = _thresholds(kind, e)
     if parity.top1_agreement is not None and parity.top1_agreement < min_agreement:
         return False, f"top-1 agreement {parity.top1_agreement:.4f} < {min_agreement} with the eager model"
     if parity.relative_diff > max_relative:

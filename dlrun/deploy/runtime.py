@@ -60,15 +60,13 @@ def isolated_runner(path: str | os.PathLike) -> Iterator[Callable[[torch.Tensor]
     """
     path = Path(path)
     runtime = _RUNTIMES.get(path.suffix, "artifact's")
-    package_root = str(Path(__file__).resolve().parents[2])  # the child must import this very dlrun
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty child can never block on it
         child = subprocess.Popen(
             [sys.executable, "-m", "dlrun.deploy.verify_child", str(path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
-            env=env,
+            env=_child_env(),
         )
 
         def died(when: str) -> ArtifactRunError:
@@ -78,8 +76,7 @@ def isolated_runner(path: str | os.PathLike) -> Iterator[Callable[[torch.Tensor]
                 f"the {runtime} runtime's child exited with {code}; its stderr:\n"
                 + stderr.read().decode(errors="replace")
             )
-            how = f"crashed ({signal.Signals(-code).name})" if code < 0 else f"exited with code {code}"
-            return ArtifactRunError(f"the {runtime} runtime {how} {when}")
+            return ArtifactRunError(f"the {runtime} runtime {_how_it_ended(code)} {when}")
 
         def reply(when: str) -> tuple[bytes, bytes]:
             frame = child_protocol.receive(child.stdout)
@@ -115,6 +112,39 @@ def isolated_runner(path: str | os.PathLike) -> Iterator[Callable[[torch.Tensor]
                 child.kill()
                 child.wait()
             child.stdout.close()
+
+
+def run_job(job: str, arguments: dict, *, timeout: float = 600) -> dict:
+    """One ExecuTorch job of verify_child's JOBS (e.g. check a bundled program, record an ETDump) in a child
+    process, for the same reason as `isolated_runner`: a native crash is an ArtifactRunError naming the signal.
+    Returns the job's JSON result; the job's own exception is an ArtifactRunError with its first line."""
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "dlrun.deploy.verify_child", "--job", job, json.dumps(arguments)],
+            capture_output=True,
+            env=_child_env(),
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ArtifactRunError(f"the ExecuTorch runtime did not finish the {job} job in {timeout:.0f} s") from None
+    frame = child_protocol.receive(io.BytesIO(child.stdout))
+    if frame is None:
+        stderr = child.stderr.decode(errors="replace")
+        log.debug(f"the {job} child exited with {child.returncode}; its stderr:\n{stderr}")
+        raise ArtifactRunError(f"the ExecuTorch runtime {_how_it_ended(child.returncode)} in the {job} job")
+    tag, payload = frame
+    if tag == child_protocol.ERROR:
+        raise ArtifactRunError(f"the ExecuTorch runtime failed the {job} job: {json.loads(payload)['message']}")
+    return json.loads(payload)
+
+
+def _how_it_ended(code: int) -> str:
+    return f"crashed ({signal.Signals(-code).name})" if code < 0 else f"exited with code {code}"
+
+
+def _child_env() -> dict[str, str]:
+    package_root = str(Path(__file__).resolve().parents[2])  # the child must import this very dlrun
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
 
 
 def _pte_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:

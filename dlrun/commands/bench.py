@@ -2,7 +2,7 @@
 
     dlrun bench                        # the latest train run and everything quantized/exported from it
     dlrun bench run=RUN_DIR formats=[eager,pte]
-    dlrun bench export_missing=true    # first make the standard set: ptq-xnnpack .pte, fp32 .pte, fp32 .onnx
+    dlrun bench export_missing=true    # first make the standard set: ptq-xnnpack .pte, fp32 .pte, fp32 and int8 .onnx
 
 Variants are found through lineage: every prune/quantize/export/distill summary.json records its `train_run`; a
 variant whose lineage passes through a prune run is named `pruned ...`, through a distill run (a student taught by
@@ -45,6 +45,12 @@ STANDARD_SET = [
     ),
     ("export", ["format=pte", "backend=xnnpack"], {"format": "pte", "backend": "xnnpack", "source_kind": "fp32"}),
     ("export", ["format=onnx"], {"format": "onnx", "backend": "onnxruntime", "source_kind": "fp32"}),
+    # The same int8 program in ONNX Runtime (QDQ graph): the other CPU runtime users choose between.
+    (
+        "export",
+        ["format=onnx", "run={quantized}"],
+        {"format": "onnx", "backend": "onnxruntime", "source_kind": "pt2e_int8"},
+    ),
 ]
 TABLE_COLUMNS = (
     "variant",

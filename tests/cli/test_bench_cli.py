@@ -113,11 +113,11 @@ def test_bench_refuses_an_unknown_format(trained_run, cli):
 
 @pytest.mark.slow
 def test_export_missing_creates_the_standard_set_once(trained_run, cli):
-    """ptq-xnnpack program, its .pte, fp32 .pte and fp32 .onnx, each as its own run; a second bench reuses them."""
+    """ptq-xnnpack program, its .pte and .onnx, fp32 .pte and .onnx, each as its own run; a second bench reuses them."""
     copy_train_run(trained_run, cli.cwd)
     ok(cli("bench", "export_missing=true", *CHEAP_BENCH, env=ENV, timeout=900))
     quantized, exported = run_dirs(cli.cwd, "quantize"), run_dirs(cli.cwd, "export")
-    assert len(quantized) == 1 and len(exported) == 3
+    assert len(quantized) == 1 and len(exported) == 4
     rows = json.loads((bench_run(cli.cwd) / "bench.json").read_text())
     assert all(row["status"] == "ok" for row in rows), rows
     assert [row["variant"] for row in rows] == [
@@ -127,6 +127,7 @@ def test_export_missing_creates_the_standard_set_once(trained_run, cli):
         "pt2e_int8 .pte xnnpack",
         "fp32 .pte xnnpack",
         "fp32 .onnx onnxruntime",
+        "pt2e_int8 .onnx onnxruntime",
     ]
     ok(cli("bench", "export_missing=true", "formats=[eager]", *CHEAP_BENCH, env=ENV))
     assert run_dirs(cli.cwd, "quantize") == quantized and run_dirs(cli.cwd, "export") == exported

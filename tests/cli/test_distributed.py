@@ -142,21 +142,6 @@ def test_commands_that_run_in_one_process_refuse_a_launcher(tmp_path):
     error_line(run_dlrun(["eval", "ckpt=missing.pt"], tmp_path, env=env), 2, "runs in one process")
 
 
-def test_sharded_splits_cover_every_sample_once():
-    import torch
-
-    from dlrun.data.splits import TensorSplit
-
-    split = TensorSplit(torch.arange(10).view(10, 1).float(), torch.arange(10))
-    seen = [torch.cat([y for _, y in split.batches(4, shard=(rank, 3))]) for rank in range(3)]
-    assert sorted(torch.cat(seen).tolist()) == list(range(10))  # evaluation: each sample on exactly one rank
-    shuffled = [torch.cat([y for _, y in split.batches(4, shuffle_seed=1, shard=(rank, 3))]) for rank in range(3)]
-    assert {len(s) for s in shuffled} == {4}  # training: padded so every rank runs the same steps
-    assert set(torch.cat(shuffled).tolist()) == set(range(10))
-    unsharded = torch.cat([y for _, y in split.batches(4, shuffle_seed=1)])
-    assert torch.equal(torch.stack(shuffled, 1).flatten()[:10], unsharded)  # the same epoch order, interleaved
-
-
 def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path):
     """Ctrl-C in a terminal reaches the whole process group: the launcher and both ranks."""
     import signal

@@ -325,3 +325,33 @@ def test_image_folder_unreadable_image_is_named(tmp_path):
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DlrunError, match=f"unreadable image {bad}"):
         image_folder(tmp_path)
+
+
+# ---- data-parallel shards (dlrun.training.distributed.Shard passes shard=(rank, world)) ----
+
+
+def test_sharded_splits_cover_every_sample_once():
+    split = TensorSplit(torch.arange(10).view(10, 1).float(), torch.arange(10))
+    seen = [torch.cat([y for _, y in split.batches(4, shard=(rank, 3))]) for rank in range(3)]
+    assert sorted(torch.cat(seen).tolist()) == list(range(10))  # evaluation: each sample on exactly one rank
+    shuffled = [torch.cat([y for _, y in split.batches(4, shuffle_seed=1, shard=(rank, 3))]) for rank in range(3)]
+    assert {len(s) for s in shuffled} == {4}  # training: padded so every rank runs the same steps
+    assert set(torch.cat(shuffled).tolist()) == set(range(10))
+    unsharded = torch.cat([y for _, y in split.batches(4, shuffle_seed=1)])
+    assert torch.equal(torch.stack(shuffled, 1).flatten()[:10], unsharded)  # the same epoch order, interleaved
+
+
+def test_image_folder_splits_shard_the_same_epoch_order():
+    """FolderSplit (DataLoader over files) shards like TensorSplit: the ranks' parts of one epoch are disjoint,
+    cover the split, and every rank runs the same number of steps."""
+    from torch.utils.data import TensorDataset
+
+    from dlrun.data.files import FolderSplit
+
+    dataset = TensorDataset(torch.arange(10).view(10, 1).float(), torch.arange(10))
+    split = FolderSplit(dataset, indices=list(range(10)), num_workers=0)
+    parts = [torch.cat([y for _, y in split.batches(4, shuffle_seed=3, shard=(rank, 2))]) for rank in range(2)]
+    assert [len(p) for p in parts] == [5, 5]
+    assert sorted(torch.cat(parts).tolist()) == list(range(10))
+    evaluated = [torch.cat([y for _, y in split.batches(4, shard=(rank, 3))]) for rank in range(3)]
+    assert sorted(torch.cat(evaluated).tolist()) == list(range(10))

@@ -13,23 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from dlrun.cli import resume, sweep
 from dlrun.cli.registry import Command
 from dlrun.config import compose, trust, validate
 from dlrun.core.errors import FAILURE, USAGE, DlrunError, UsageError
 from dlrun.training import distributed
 
-# Commands whose interrupted runs continue in place with resume=RUN_DIR (dlrun.training.session; dlrun.commands.tune),
-# and the file such a run directory holds.
-RESUMABLE = {
-    "train": "checkpoints/last.pt",
-    "distill": "checkpoints/last.pt",
-    "tune": "study.db",
-    "prune": "checkpoints/round.pt",
-}
 # Commands that train with DDP over trainer.devices processes (dlrun.training.distributed).
 DATA_PARALLEL = ("train",)
-# What a summary.json's metrics.test is ranked by in a sweep's table, the first one present.
-MAIN_METRICS = ("accuracy", "r2", "mse", "loss")
 
 
 def dispatch(command: Command, overrides: list[str], multirun: bool, cfg_mode: str | None, verbose: bool) -> None:
@@ -43,8 +34,8 @@ def dispatch(command: Command, overrides: list[str], multirun: bool, cfg_mode: s
         overrides = compose.expand_aliases(compose.quote_non_ascii(overrides), command.aliases)
         as_typed = overrides  # what DDP workers get: each one replays a resumed run's overrides itself
         typed_targets = trust.targets_in_overrides(overrides)
-        resumed = _resume_dir(command.name, overrides)
-        replayed = _with_resumed_overrides(resumed, overrides) if resumed else overrides
+        resumed = resume.resume_dir(command.name, overrides)
+        replayed = resume.with_resumed_overrides(resumed, overrides) if resumed else overrides
         composed = validate.validate(command.name, replayed)
         # A resumed run replays overrides read from its directory: only dlrun's builders and the targets the user
         # typed now (or trusts) may be instantiated, checked before anything is built or written.
@@ -93,7 +84,7 @@ def dispatch(command: Command, overrides: list[str], multirun: bool, cfg_mode: s
 
     # Hydra rewrites a resumed run's .hydra/*.yaml before the recipe can refuse the resume (a model that does
     # not fit the checkpoint): keep the bytes so that a refused resume leaves the run as it was.
-    before_resume = _ResumedRun.snapshot(resumed) if resumed and not cfg_mode else None
+    before_resume = resume.ResumedRun.snapshot(resumed) if resumed and not cfg_mode else None
     jobs = _Jobs(command, verbose, multirun, reserved)
     argv = [*overrides]
     if multirun:
@@ -115,14 +106,6 @@ def dispatch(command: Command, overrides: list[str], multirun: bool, cfg_mode: s
 
 
 @dataclass
-class _Outcome:
-    number: int
-    overrides: list[str]
-    run_dir: Path
-    error: str | None = None  # the one-line reason it failed; None when it succeeded
-
-
-@dataclass
 class _Jobs:
     """Hydra's task function: runs the recipe for each job. A single run's failure ends the command; in a sweep a
     failed job is reported and the next one runs, and `report()` compares them all at the end."""
@@ -131,7 +114,7 @@ class _Jobs:
     verbose: bool
     multirun: bool
     reserved: Path | None
-    outcomes: list[_Outcome] = field(default_factory=list)
+    outcomes: list[sweep.Outcome] = field(default_factory=list)
     crashed: bool = False  # a bug (not a DlrunError) ended a job: its run directory keeps the log with the traceback
 
     def __call__(self, cfg) -> None:
@@ -141,7 +124,7 @@ class _Jobs:
 
         run_dir = rundir.current()
         job = HydraConfig.get()
-        outcome = _Outcome(job.job.num if self.multirun else 0, list(job.overrides.task), run_dir)
+        outcome = sweep.Outcome(job.job.num if self.multirun else 0, list(job.overrides.task), run_dir)
         self.outcomes.append(outcome)
         crashed = False
         try:
@@ -173,29 +156,9 @@ class _Jobs:
 
     def report(self) -> None:
         """One table comparing the sweep's jobs, then exit 1 if any failed."""
-        from dlrun.core import rundir, ui
-
         if not self.outcomes and self.reserved is not None:  # a launcher ran the jobs in other processes (submitit)
-            self.outcomes = _outcomes_on_disk(self.reserved, self.command.name)
-        shared = set.intersection(*(set(o.overrides) for o in self.outcomes)) if self.outcomes else set()
-        rows = []
-        for outcome in self.outcomes:
-            varied = [o for o in outcome.overrides if o not in shared] or outcome.overrides
-            status = "ok" if outcome.error is None else f"failed: {outcome.error}"
-            rows.append(
-                {
-                    "job": outcome.number,
-                    "overrides": " ".join(varied),
-                    "status": status,
-                    **_main_test_metric(outcome.run_dir),
-                }
-            )
-        failed = [o for o in self.outcomes if o.error is not None]
-        if rows:
-            title = f"dlrun {self.command.name} sweep: {len(rows) - len(failed)} of {len(rows)} jobs ok"
-            ui.rows_table(title, rows, log=False)  # after the sweep no run's log is open
-        if len(failed) < len(self.outcomes):
-            print(f"wrote {rundir.relative(self.outcomes[0].run_dir.parent)}")
+            self.outcomes = sweep.outcomes_on_disk(self.reserved, self.command.name)
+        failed = sweep.report(self.command.name, self.outcomes)
         if failed:
             numbers = ", ".join(str(o.number) for o in failed)
             fail(
@@ -234,37 +197,6 @@ def _run_dir_override(overrides: list[str]) -> str:
     return value.strip("'\"")
 
 
-def _outcomes_on_disk(sweep_dir: Path, command: str) -> list[_Outcome]:
-    """The jobs of a sweep run by another process (hydra/launcher=submitit_local|slurm), read from their
-    directories: overrides from .hydra/overrides.yaml, a failure from the `error:` line in the job's log."""
-    from omegaconf import OmegaConf
-
-    outcomes = []
-    for job in sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
-        saved = job / ".hydra" / "overrides.yaml"
-        overrides = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
-        error = None
-        if not (job / "summary.json").is_file():
-            log_file = job / f"{command}.log"
-            lines = log_file.read_text(errors="replace").splitlines() if log_file.is_file() else []
-            errors = [line.partition("error: ")[2] for line in lines if "error: " in line]
-            error = errors[-1] if errors else f"no summary.json; see {job}"
-        outcomes.append(_Outcome(int(job.name), overrides, job, error))
-    return outcomes
-
-
-def _main_test_metric(run_dir: Path) -> dict:
-    """{"metric": name, "test": value} from a job's summary.json metrics.test, or {} when it has none."""
-    import json
-
-    try:
-        test = json.loads((run_dir / "summary.json").read_text()).get("metrics", {}).get("test", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    name = next((m for m in MAIN_METRICS if isinstance(test, dict) and isinstance(test.get(m), (int, float))), None)
-    return {"metric": name, "test": test[name]} if name else {}
-
-
 def _wrote(run_dir: Path) -> str:
     """`wrote <run dir>`, naming the images in it (bench.png): the files a user opens rather than reads."""
     from dlrun.core import rundir
@@ -285,78 +217,11 @@ def _remove_if_without_results(run_dir: Path, command: str) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)  # best effort: failing to tidy up must not hide the real error
 
 
-@dataclass
-class _ResumedRun:
-    """The .hydra/*.yaml files of a run about to be resumed, and its last checkpoint's stamp."""
-
-    run_dir: Path
-    configs: dict[Path, bytes]
-    checkpoint: tuple[int, int] | None
-
-    @classmethod
-    def snapshot(cls, run_dir: Path) -> _ResumedRun:
-        configs = {path: path.read_bytes() for path in sorted((run_dir / ".hydra").glob("*.yaml"))}
-        return cls(run_dir, configs, _stamp(run_dir / "checkpoints" / "last.pt"))
-
-    def restore_if_not_continued(self) -> None:
-        """Put the configs back unless training went on (a new last.pt): then the new config is the run's truth."""
-        from dlrun.core.files import atomic_write_bytes
-
-        if _stamp(self.run_dir / "checkpoints" / "last.pt") != self.checkpoint:
-            return
-        for path, data in self.configs.items():
-            if not path.is_file() or path.read_bytes() != data:
-                atomic_write_bytes(path, data)
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
-
-
 def _route_torch_warnings_to_log() -> None:
     """torch prints its own glog-style warnings to stderr; keep them in the run's log file instead."""
     torch_logger = logging.getLogger("torch")
     torch_logger.handlers.clear()
     torch_logger.propagate = True  # the root logger writes to <run_dir>/<command>.log only
-
-
-def _resume_dir(command: str, overrides: list[str]) -> Path | None:
-    """The run directory of `dlrun train|distill resume=RUN_DIR`, checked to be resumable; None without resume=."""
-    resume = next((o.partition("=")[2] for o in overrides if o.startswith("resume=")), None)
-    if command not in RESUMABLE or resume in (None, "", "null"):
-        return None
-    run_dir = Path(resume.strip("'\""))
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not (run_dir / RESUMABLE[command]).is_file():
-        raise UsageError(
-            f"cannot resume {run_dir}: no {RESUMABLE[command]} there (is it a dlrun {command} run directory?)"
-        )
-    if not saved.is_file():
-        raise UsageError(f"cannot resume {run_dir}: {saved} is missing")
-    from dlrun.core.locks import check_unlocked
-
-    check_unlocked(run_dir)  # before Hydra rewrites .hydra/ of a run another process is still writing
-    return run_dir
-
-
-def _with_resumed_overrides(run_dir: Path, overrides: list[str]) -> list[str]:
-    """`dlrun train|distill resume=RUN_DIR`: replay the run's own overrides and continue in its directory."""
-    from omegaconf import OmegaConf
-
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    replayed = OmegaConf.to_container(OmegaConf.load(saved))
-    if not isinstance(replayed, list) or not all(isinstance(o, str) for o in replayed):
-        raise UsageError(f"cannot resume {run_dir}: {saved} is not a list of overrides")
-    previous = [o for o in replayed if not o.lstrip("+~").startswith(("hydra.", "hydra/", "resume="))]
-    return [
-        *previous,
-        *[o for o in overrides if not o.startswith("hydra.run.dir=")],
-        f"hydra.run.dir={compose.quote(str(run_dir))}",
-    ]
 
 
 def _first_line(exc: DlrunError) -> str:

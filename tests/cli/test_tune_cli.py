@@ -136,6 +136,7 @@ def test_a_crashed_study_resumes_without_repeating_finished_trials(tmp_path):
         (["tune", "search=lenet", "model=linear"], ("search space param 'model.hidden'", "unknown key")),
         (["tune", "search=lr", "n_trials=0"], ("n_trials must be an integer >= 1",)),
         (["tune", "search=nope"], ("unknown search 'nope'",)),
+        (["tune", "search=lr", "trainer.devices=2"], ("dlrun tune runs in one process",)),
     ],
 )
 def test_bad_tune_input_is_one_line_and_leaves_no_sweep(tmp_path, args, needles):

@@ -24,7 +24,8 @@ COMMANDS = {
     for command in (
         Command(
             "train",
-            "Train a model: [bold]dlrun train model=resnet optimizer.lr=0.05[/bold] (resume with resume=RUN_DIR).",
+            "Train a model: [bold]dlrun train model=resnet optimizer.lr=0.05[/bold] (resume with resume=RUN_DIR; "
+            "trainer.devices=2 for DDP).",
         ),
         Command(
             "eval",

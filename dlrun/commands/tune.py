@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import shlex
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from dlrun.config import compose, validate
 from dlrun.core import files, locks, rundir, ui
 from dlrun.core.errors import DlrunError, UsageError
-from dlrun.training.loop import Callback, EpochResult, Loop
+from dlrun.training import tuning
 
 log = logging.getLogger("dlrun")
 INTERRUPTED = 130
@@ -51,8 +50,8 @@ def run(cfg: DictConfig) -> None:
     metric, direction = objective(cfg)
     lock = locks.acquire_lock(sweep_dir)
     try:
-        study = open_study(cfg, sweep_dir, direction)
-        requeue_unfinished(study)
+        study = tuning.open_study(cfg, sweep_dir / STUDY, direction)
+        tuning.requeue_unfinished(study)
         optimize(study, cfg, space, base, sweep_dir, metric)
     except KeyboardInterrupt:
         raise DlrunError(f"interrupted; {_resume_hint(sweep_dir)}", INTERRUPTED) from None
@@ -155,75 +154,14 @@ def override(key: str, value) -> str:
     return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
 
 
-# --- the study ------------------------------------------------------------------------------------------------
-
-
-def open_study(cfg: DictConfig, sweep_dir: Path, direction: str):
-    """The study in sweep_dir/study.db, created or loaded (resume); its sampler's seed is offset by the trials it
-    already has, so that a resumed study does not draw the same random startup points again."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dlrun logs one line per trial itself
-    storage = f"sqlite:///{(sweep_dir / STUDY).resolve()}"
-    try:
-        study = optuna.create_study(
-            storage=storage, study_name="dlrun", direction=direction, pruner=pruner(cfg.pruner), load_if_exists=True
-        )
-    except ValueError as exc:  # a resumed study optimized in the other direction (metric= changed)
-        raise UsageError(f"cannot continue the study in {rundir.relative(sweep_dir)}: {exc}") from None
-    seed = cfg.sampler.seed + len(study.trials)
-    if cfg.sampler.name == "random":
-        study.sampler = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler.startup_trials)
-    return study
-
-
-def pruner(settings: DictConfig):
-    import optuna
-
-    if settings.name == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.warmup_epochs
-        )
-    if settings.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=settings.min_epochs, reduction_factor=settings.reduction_factor
-        )
-    return optuna.pruners.NopPruner()
-
-
-def requeue_unfinished(study) -> None:
-    """A trial still RUNNING when the study opens was cut off by a crash (this process holds the sweep's lock, so
-    nobody else runs it): record it as failed (interrupted) and ask its params again as the next trial."""
-    from optuna.trial import TrialState
-
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        _requeue(study, trial.number, trial._trial_id, trial.params)
-
-
-def _requeue(study, number: int, trial_id: int, params: dict) -> None:
-    from optuna.trial import TrialState
-
-    study._storage.set_trial_user_attr(trial_id, "interrupted", True)
-    study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    study.enqueue_trial(params, user_attrs={"retry_of": number})
-    log.info(f"trial {number} was interrupted: recorded as failed, its params are tried again")
-
-
-def ended(study) -> int:
-    """Trials that count towards n_trials: complete, pruned or failed, but not those cut off by a crash."""
-    from optuna.trial import TrialState
-
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if "interrupted" not in t.user_attrs)
+# --- the study (storage, sampler and pruner: dlrun.training.tuning) ---------------------------------------------
 
 
 def optimize(study, cfg: DictConfig, space: dict, base: list[str], sweep_dir: Path, metric: str) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    done = ended(study)
+    done = tuning.ended(study)
     if done:
         log.info(f"continuing the study in {rundir.relative(sweep_dir)}: {done} of {cfg.n_trials} trials already ran")
     while done < cfg.n_trials:
@@ -238,7 +176,7 @@ def optimize(study, cfg: DictConfig, space: dict, base: list[str], sweep_dir: Pa
             log.info(f"{label} pruned: {pruned}")
         except DlrunError as error:
             if error.exit_code == INTERRUPTED:
-                _requeue(study, trial.number, trial._trial_id, trial.params)
+                tuning.requeue(study, trial.number, trial._trial_id, trial.params)
                 raise DlrunError(
                     f"interrupted in trial {trial.number}; {_resume_hint(sweep_dir)}", INTERRUPTED
                 ) from None
@@ -254,29 +192,6 @@ def optimize(study, cfg: DictConfig, space: dict, base: list[str], sweep_dir: Pa
         done += 1
 
 
-class TrialPruning(Callback):
-    """Reports the monitored val metric to the trial after every epoch; when the pruner says so, asks the loop to
-    stop after this epoch (the trial directory stays a complete run: best.pt, summary.json)."""
-
-    def __init__(self, trial, metric: str):
-        self.trial, self.metric = trial, metric
-        self.pruned_after: int | None = None
-        self.value: float | None = None
-
-    def on_epoch_end(self, loop: Loop, result: EpochResult) -> None:
-        if self.metric not in result.val:
-            available = ", ".join(k for k in result.val if k != "samples")
-            raise UsageError(f"metric={self.metric} is not a val metric of this task; available: {available}")
-        value = result.val[self.metric]
-        if not math.isfinite(value):
-            return
-        self.value = value
-        self.trial.report(value, result.epoch)
-        if self.trial.should_prune():
-            self.pruned_after = result.epoch
-            loop.state.should_stop = True
-
-
 def run_trial(trial, overrides: list[str], trial_dir: Path, metric: str) -> float:
     """Train one trial in trial_dir as `dlrun train <overrides>` would; its best epoch's val metric."""
     import optuna
@@ -285,7 +200,7 @@ def run_trial(trial, overrides: list[str], trial_dir: Path, metric: str) -> floa
     from dlrun.training import trackers
 
     cfg = _trial_config(overrides, trial_dir)
-    pruning = TrialPruning(trial, metric)
+    pruning = tuning.TrialPruning(trial, metric)
     trial.set_user_attr("run_dir", rundir.relative(trial_dir))
     with _as_hydra_job(cfg, trial_dir, overrides) as job_cfg:
         train.run(job_cfg, extra_callbacks=[pruning])

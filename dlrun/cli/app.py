@@ -14,6 +14,7 @@ from dlrun import __version__
 from dlrun.cli.dispatch import dispatch, fail
 from dlrun.cli.registry import COMMANDS
 from dlrun.config import compose
+from dlrun.core import process
 from dlrun.core.errors import DlrunError, UsageError
 
 app = typer.Typer(
@@ -126,6 +127,10 @@ def _list_runs(command: str | None, last: int | None, sort: str | None) -> None:
 
 def main() -> None:
     try:
-        app()
-    except DlrunError as exc:  # raised before Hydra took over (validation)
-        fail(exc, verbose="--verbose" in sys.argv or "-v" in sys.argv)
+        try:
+            app()
+        except DlrunError as exc:  # raised before Hydra took over (validation)
+            fail(exc, verbose="--verbose" in sys.argv or "-v" in sys.argv)
+    except SystemExit as exit_:  # Typer's (Click's) way to end every command, and fail()'s
+        process.exit_process(exit_.code)
+    process.exit_process(0)

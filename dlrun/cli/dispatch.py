@@ -16,6 +16,7 @@ from typing import NoReturn
 from dlrun.cli import resume, sweep
 from dlrun.cli.registry import Command
 from dlrun.config import compose, trust, validate
+from dlrun.core import process
 from dlrun.core.errors import FAILURE, USAGE, DlrunError, UsageError
 from dlrun.training import distributed
 
@@ -128,7 +129,7 @@ class _Jobs:
         self.outcomes.append(outcome)
         crashed = False
         try:
-            recipe = importlib.import_module(self.command.recipe)
+            recipe = process.import_without_collection(self.command.recipe)  # torch and the rest
             _route_torch_warnings_to_log()
             recipe.run(cfg)
             if cfg.get("logger"):  # the test metrics, hyperparameters and artifacts to the trackers of logger=[...]

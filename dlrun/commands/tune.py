@@ -324,7 +324,7 @@ def _plots(study, sweep_dir: Path) -> None:
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             log.info(f"no {name}.png: {files.first_line(exc)}")
             continue
-        reports.save_figure(axes.figure, sweep_dir / f"{name}.png")
+        reports.save_figure(axes.figure, sweep_dir / f"{name}.png", tight=True)  # optuna sets no margins
 
 
 def _resume_hint(sweep_dir: Path) -> str:

@@ -11,6 +11,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
+from dlrun.core import process
 from dlrun.core.errors import UsageError
 
 
@@ -66,6 +67,9 @@ def build_optimization(
     if parameters and isinstance(parameters[0], dict):
         parameters = [{"params": g["params"], "lr": lr * g.get("lr_ratio", 1.0)} for g in parameters]
     steps_per_epoch = math.ceil(train_size / batch_size)
+    # torch.optim imports dynamo on the first optimizer (add_param_group is wrapped in torch._disable_dynamo) and
+    # on every step: import it here, where it costs less (dlrun.core.process).
+    process.import_without_collection("torch._dynamo")
     try:  # Hydra partials: a wrong added key (+optimizer.betaz=...) only fails here, when they are called
         optimizer = instantiate(optimizer_cfg, "optimizer")(parameters, lr=lr)
         scheduler = instantiate(scheduler_cfg, "scheduler")(

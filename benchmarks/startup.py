@@ -6,9 +6,10 @@ of the default `dlrun train` (process seconds minus the training seconds its sum
 Goals: `dlrun --help` <= 0.25 s, `dlrun ls` <= 0.35 s, torch not imported by either;
 `dlrun train` process <= its training time + 2.5 s; `dlrun eval` <= 3 s. Each goal line says met / NOT met.
 
-Measured causes of the train overhead (issue 13): the optimizer's first add_param_group imports torch._dynamo
-(torch wraps it in torch._disable_dynamo, which imports dynamo on first call: ~1.5-1.8 s here), and the two
-report plots (matplotlib import ~0.4-0.8 s, then ~0.45 s per figure drawn).
+The train line also times a process that only imports torch and torch._dynamo, in the same repeats: the floor
+every torch.optim training pays (torch.optim imports dynamo on each step), so that what is dlrun's own reads the
+same on a fast or a slow machine. The rest is Hydra (import and composition, ~0.5 s), the two report plots and
+matplotlib (~0.4 s), Python and Typer (~0.2 s), and per-epoch validation and checkpoints.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ CONFIG_ONLY = {"dlrun --help": ["--help"], "dlrun ls": ["ls"], "dlrun train --cf
 GOALS = {"dlrun --help": 0.25, "dlrun ls": 0.35}
 TRAIN_OVERHEAD_GOAL = 2.5
 EVAL_GOAL = 3.0
+TORCH_FLOOR = "import os, torch, torch._dynamo; os._exit(0)"  # exits as dlrun does: no interpreter teardown
 
 
 def imports_torch(args: list[str]) -> bool:
@@ -38,8 +40,10 @@ def verdict(met: bool) -> str:
 
 
 def timed(argv: list[str], cwd: Path) -> float:
+    """Seconds of one `python -m dlrun <argv>` process (or `python <argv>` when argv starts with "-c")."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dlrun", *argv], check=True, capture_output=True, cwd=cwd)
+    command = argv if argv[0] == "-c" else ["-m", "dlrun", *argv]
+    subprocess.run([sys.executable, *command], check=True, capture_output=True, cwd=cwd)
     return time.perf_counter() - start
 
 
@@ -47,7 +51,7 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     repeats = 1 if args.quick else 5
     train_argv = ["train", "trainer.epochs=1"] if args.quick else ["train"]
-    times: dict[str, list[float]] = {label: [] for label in (*CONFIG_ONLY, "train", "eval")}
+    times: dict[str, list[float]] = {label: [] for label in (*CONFIG_ONLY, "train", "eval", "torch floor")}
     training: list[float] = []
     with tempfile.TemporaryDirectory(prefix="dlrun-startup-") as tmp:
         cwd = Path(tmp)
@@ -59,6 +63,7 @@ def main() -> None:
             (summary,) = set(cwd.glob("outputs/train/*/summary.json")) - before
             training.append(json.loads(summary.read_text())["train_seconds"])
             times["eval"].append(timed(["eval", f"run={summary.parent}"], cwd))
+            times["torch floor"].append(timed(["-c", TORCH_FLOOR], cwd))
 
     print(f"startup  (median of {repeats} interleaved runs, {sys.executable} -m dlrun ...)")
     for label, argv in CONFIG_ONLY.items():
@@ -70,6 +75,11 @@ def main() -> None:
     print(
         f"  {label:30s} {process:6.3f} s   training {trained:.3f} s, overhead {overhead:.3f} s"
         f"  (goal: overhead <= {TRAIN_OVERHEAD_GOAL} s: {verdict(overhead <= TRAIN_OVERHEAD_GOAL)})"
+    )
+    floor = median(times["torch floor"])
+    print(
+        f"  {'python -c ' + repr(TORCH_FLOOR)}\n  {'':30s} {floor:6.3f} s   "
+        f"train overhead beyond it (dlrun's own): {overhead - floor:.3f} s"
     )
     spent = median(times["eval"])
     print(

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from dlrun import __version__
-from dlrun.cli.dispatch import dispatch, fail
+from dlrun.cli.failure import fail
 from dlrun.cli.registry import COMMANDS
 from dlrun.config import compose
 from dlrun.core import process
@@ -55,6 +55,8 @@ def _hydra_command(name: str):
         ),
         verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     ):
+        from dlrun.cli.dispatch import dispatch  # validation, Hydra and the recipes: not for --help or ls
+
         dispatch(COMMANDS[name], overrides or [], multirun, cfg, verbose or (ctx.obj or {}).get("verbose", False))
 
     return command

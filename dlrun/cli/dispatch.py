@@ -11,9 +11,9 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 from dlrun.cli import resume, sweep
+from dlrun.cli.failure import fail, first_line, log_error
 from dlrun.cli.registry import Command
 from dlrun.config import compose, trust, validate
 from dlrun.core import process
@@ -149,8 +149,8 @@ class _Jobs:
         # An interrupted sweep (Ctrl-C, exit code 130) stops as a whole: only a failed job lets the sweep go on.
         if not self.multirun or error.exit_code not in (USAGE, FAILURE):
             fail(error, self.verbose and not crashed)
-        outcome.error = _first_line(error)
-        _log_error(outcome.error)
+        outcome.error = first_line(error)
+        log_error(outcome.error)
         print(f"job {outcome.number} failed: {outcome.error}", file=sys.stderr)
         if self.reserved is not None and not crashed:
             _remove_if_without_results(run_dir, self.command.name)
@@ -223,24 +223,3 @@ def _route_torch_warnings_to_log() -> None:
     torch_logger = logging.getLogger("torch")
     torch_logger.handlers.clear()
     torch_logger.propagate = True  # the root logger writes to <run_dir>/<command>.log only
-
-
-def _first_line(exc: DlrunError) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
-
-
-def _log_error(message: str) -> None:
-    """Keep the error in the run's log: inside a run the root logger writes to <run_dir>/<command>.log."""
-    root = logging.getLogger()
-    if any(isinstance(handler, logging.FileHandler) for handler in root.handlers):
-        root.error("error: %s", message)
-
-
-def fail(exc: DlrunError, verbose: bool) -> NoReturn:
-    """Print `error: <one line>` (and keep it in the run's log when there is one), then exit."""
-    if verbose and exc.__traceback__ is not None:
-        traceback.print_exception(exc)
-    message = _first_line(exc)
-    _log_error(message)
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(exc.exit_code)

@@ -180,18 +180,41 @@ def crash_hook(folder: Path, signal_name: str, at_batch: int) -> str:
     return str(folder)
 
 
-# `python -c` this with dlrun's arguments: a real SIGINT as epoch 1 is about to train (last.pt holds epoch 0).
-INTERRUPT_IN_EPOCH_1 = """
-import os, signal
-import dlrun.training.loop as loop
-train_epoch = loop.train_epoch
-def interrupted(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGINT)
-    return train_epoch(*args, **kwargs)
-loop.train_epoch = interrupted
-from dlrun.cli import main
-main()
-"""
+def interrupt_when(target: str, epoch: int | None = None) -> str:
+    """A `python -c` script running dlrun's CLI (give it dlrun's arguments) with a real SIGINT, what Ctrl-C sends,
+    delivered as `target` ("module:function") is called, and only at `epoch` when given (the function's `epoch`
+    keyword): the interruption lands at the same point every time instead of racing a timer."""
+    module, function = target.split(":")
+    when = f'kwargs["epoch"] == {epoch}' if epoch is not None else "True"
+    return textwrap.dedent(f"""
+        import os, signal
+        import {module} as patched
+        original = patched.{function}
+        def interrupted(*args, **kwargs):
+            if {when}:
+                os.kill(os.getpid(), signal.SIGINT)
+            return original(*args, **kwargs)
+        patched.{function} = interrupted
+        from dlrun.cli import main
+        main()
+    """)
+
+
+# Ctrl-C as the first epoch is about to train (last.pt holds epoch 0).
+INTERRUPT_IN_EPOCH_1 = interrupt_when("dlrun.training.loop:train_epoch")
+
+
+def run_script(script: str, args, cwd: Path, *, env: dict | None = None, timeout: float = 300) -> Result:
+    """`python -c script <args>` in `cwd`, as run_dlrun runs `python -m dlrun <args>`."""
+    proc = subprocess.run(
+        [PYTHON, "-c", script, *map(str, args)],
+        cwd=cwd,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def assert_comparison_png(path: Path) -> None:

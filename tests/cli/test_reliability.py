@@ -49,6 +49,7 @@ from helpers import (
     read_jsonl,
     run_dirs,
     run_dlrun,
+    run_script,
     subprocess_env,
 )
 
@@ -114,7 +115,7 @@ def assert_nothing_but_logs(cwd: Path, command: str = "train") -> None:
         assert not left, f"{run} holds {sorted(left)}"
 
 
-# Wraps `dlrun train` in-process (like test_train_cli's INTERRUPT_AT_EPOCH_3) to act just before epoch AT starts:
+# Wraps `dlrun train` in-process (like helpers.interrupt_when) to act just before epoch AT starts:
 # copy checkpoints/ to ./snapshot (the files as they were before that epoch) and, with FAULT=enospc, make the
 # fsync of every later checkpoint write fail as a full disk does.
 BEFORE_EPOCH = """
@@ -228,9 +229,8 @@ def test_ctrl_c_handler_first_interrupts_then_exits_at_once(tmp_path, monkeypatc
 
 def test_ctrl_c_hint_is_a_relative_path(tmp_path):
     """The printed resume command names outputs/train/<run>, not this machine's absolute path."""
-    args = [PYTHON, "-c", INTERRUPT_IN_EPOCH_1, "train", *SMALL]
-    proc = subprocess.run(args, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    line = error_line(Result(proc.returncode, proc.stdout, proc.stderr), 130, "dlrun train resume=outputs/train/")
+    result = run_script(INTERRUPT_IN_EPOCH_1, ["train", *SMALL], tmp_path)
+    line = error_line(result, 130, "dlrun train resume=outputs/train/")
     assert str(tmp_path) not in line
     (run,) = run_dirs(tmp_path)
     assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 0  # saved before the first epoch

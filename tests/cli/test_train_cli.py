@@ -19,12 +19,13 @@ from helpers import (
     TIMESTAMP,
     TINY_EPOCHS,
     TINY_TRAIN,
-    Result,
     error_line,
+    interrupt_when,
     ok,
     read_jsonl,
     run_dirs,
     run_dlrun,
+    run_script,
     subprocess_env,
 )
 
@@ -227,20 +228,8 @@ def test_dataset_errors_reach_the_user_as_one_line(cli):
 
 # ---- resume ------------------------------------------------------------------------------------
 
-# Runs `dlrun train` with a real SIGINT (what Ctrl-C sends) delivered as epoch 3 is about to start, so
-# the interruption always lands at the same point (last.pt holds epoch 2) instead of racing a timer.
-INTERRUPT_AT_EPOCH_3 = """
-import os, signal, sys
-import dlrun.training.loop as loop
-train_epoch = loop.train_epoch
-def interrupted(*args, **kwargs):
-    if kwargs["epoch"] == 3:
-        os.kill(os.getpid(), signal.SIGINT)
-    return train_epoch(*args, **kwargs)
-loop.train_epoch = interrupted
-from dlrun.cli import main
-main()
-"""
+# Ctrl-C as epoch 3 is about to start: last.pt holds epoch 2.
+INTERRUPT_AT_EPOCH_3 = interrupt_when("dlrun.training.loop:train_epoch", epoch=3)
 
 
 def assert_same_training(run_dir, reference_dir):
@@ -271,9 +260,8 @@ def test_interrupted_run_resumes_to_the_same_result(trained_run, tmp_path):
     Equal to trained_run (4 epochs straight) only because the step schedule does not depend on
     trainer.epochs (cosine and one-cycle stretch with it; extending those is a different experiment).
     """
-    args = [PYTHON, "-c", INTERRUPT_AT_EPOCH_3, "train", *TINY_TRAIN, "trainer.epochs=3", "name=interrupted"]
-    proc = subprocess.run(args, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    line = error_line(Result(proc.returncode, proc.stdout, proc.stderr), 130, "interrupted", "dlrun train resume=")
+    args = ["train", *TINY_TRAIN, "trainer.epochs=3", "name=interrupted"]
+    line = error_line(run_script(INTERRUPT_AT_EPOCH_3, args, tmp_path), 130, "interrupted", "dlrun train resume=")
     (run,) = run_dirs(tmp_path)
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]

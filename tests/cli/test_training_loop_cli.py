@@ -4,7 +4,6 @@ says how to resume only when there is something to resume."""
 from __future__ import annotations
 
 import csv
-import subprocess
 
 import torch
 
@@ -13,17 +12,17 @@ from helpers import (
     CHEAP_QUANTIZE,
     INTERRUPT_IN_EPOCH_1,
     ONE_THREAD_ENV,
-    PYTHON,
     TINY_EPOCHS,
     TINY_MODEL,
     TINY_TRAIN,
-    Result,
     copy_train_run,
     error_line,
+    interrupt_when,
     ok,
     read_jsonl,
     run_dirs,
     run_dlrun,
+    run_script,
     subprocess_env,
 )
 
@@ -76,16 +75,9 @@ def test_a_run_whose_every_epoch_validates_to_nan_says_there_is_no_best_checkpoi
     assert not (run / "summary.json").exists()
 
 
-def run_interrupted(script: str, args, cwd) -> Result:
-    proc = subprocess.run(
-        [PYTHON, "-c", script, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300
-    )
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
 def test_ctrl_c_in_epoch_1_resumes_from_epoch_0_to_the_same_result(trained_run, tmp_path):
     args = ["train", *TINY_TRAIN, f"trainer.epochs={TINY_EPOCHS}"]
-    line = error_line(run_interrupted(INTERRUPT_IN_EPOCH_1, args, tmp_path), 130, "interrupted", "dlrun train resume=")
+    line = error_line(run_script(INTERRUPT_IN_EPOCH_1, args, tmp_path), 130, "interrupted", "dlrun train resume=")
     (run,) = run_dirs(tmp_path)
     assert checkpoint.load(run / "checkpoints" / "last.pt")["epoch"] == 0
     result = ok(run_dlrun(["train", line.split("dlrun train ", 1)[1].strip()], tmp_path))
@@ -97,22 +89,12 @@ def test_ctrl_c_in_epoch_1_resumes_from_epoch_0_to_the_same_result(trained_run, 
 
 
 # A real SIGINT while the model is being built, before any checkpoint exists.
-INTERRUPT_BEFORE_TRAINING = """
-import os, signal
-import dlrun.models as models
-build = models.build
-def interrupted(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGINT)
-    return build(*args, **kwargs)
-models.build = interrupted
-from dlrun.cli import main
-main()
-"""
+INTERRUPT_BEFORE_TRAINING = interrupt_when("dlrun.models:build")
 
 
 def test_ctrl_c_before_the_first_checkpoint_does_not_offer_a_resume(tmp_path):
     args = ["train", "trainer.device=cpu", *TINY_MODEL]
-    result = run_interrupted(INTERRUPT_BEFORE_TRAINING, args, tmp_path)
+    result = run_script(INTERRUPT_BEFORE_TRAINING, args, tmp_path)
     line = error_line(result, 130, "interrupted", "nothing to resume")
     assert "resume=" not in line
     (run,) = run_dirs(tmp_path)

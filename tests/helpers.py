@@ -52,14 +52,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run_dlrun(args, cwd: Path, *, env: dict | None = None, timeout: float = 300, python_args=()) -> Result:
-    proc = subprocess.run(
-        [PYTHON, *python_args, "-m", "dlrun", *map(str, args)],
-        cwd=cwd,
-        env=env or subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return _run([PYTHON, *python_args, "-m", "dlrun", *map(str, args)], cwd, env, timeout)
+
+
+def _run(argv: list[str], cwd: Path, env: dict | None, timeout: float) -> Result:
+    proc = subprocess.run(argv, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -206,15 +203,7 @@ INTERRUPT_IN_EPOCH_1 = interrupt_when("dlrun.training.loop:train_epoch")
 
 def run_script(script: str, args, cwd: Path, *, env: dict | None = None, timeout: float = 300) -> Result:
     """`python -c script <args>` in `cwd`, as run_dlrun runs `python -m dlrun <args>`."""
-    proc = subprocess.run(
-        [PYTHON, "-c", script, *map(str, args)],
-        cwd=cwd,
-        env=env or subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    return _run([PYTHON, "-c", script, *map(str, args)], cwd, env, timeout)
 
 
 def assert_comparison_png(path: Path) -> None:

@@ -14,11 +14,18 @@ import pytest
 from dlrun.core import process
 
 # Run in a child: exit_process ends the process. A non-daemon thread still writing and an atexit handler must both
-# finish before the process goes; output printed just before must reach the pipe.
+# finish before the process goes; output printed just before must reach the pipe; the interpreter's teardown, which
+# would finalize `kept` and print "teardown", is skipped.
 EXIT_SCRIPT = """
-import atexit, sys, threading, time
+import ast, atexit, sys, threading, time
 import torch  # exit_process skips the teardown only once torch is imported
 from dlrun.core import process
+
+class Finalized:
+    def __del__(self):
+        print("teardown")
+
+kept = Finalized()
 
 def write_late():
     time.sleep(0.3)
@@ -27,7 +34,7 @@ def write_late():
 threading.Thread(target=write_late).start()
 atexit.register(lambda: print("atexit ran", flush=False))
 print("work done", flush=False)
-process.exit_process(eval(sys.argv[1]))
+process.exit_process(ast.literal_eval(sys.argv[1]))
 """
 
 
